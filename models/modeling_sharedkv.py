@@ -162,14 +162,15 @@ class SkipV1Attention(SharedKVAttention):
     def __init__(self, config: SharedKVConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         own = config.skipv1_own_heads[layer_idx]
-        reused = [h for h in range(self.num_kv_heads) if h not in own]
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, len(own) * self.head_dim, bias=config.qkv_bias)
-        self.register_buffer("reused_heads", torch.tensor(reused, dtype=torch.long), persistent=False)
-        order = torch.tensor(own + reused).argsort()
-        # Own heads come first after the concat; 'order' puts every head back at its index.
-        self.needs_reorder = not torch.equal(order, torch.arange(self.num_kv_heads))
-        self.register_buffer("head_order", order, persistent=False)
+        # Own heads come first after the concat; head_order puts every head back at its index.
+        # Plain lists, not buffers: the common case (own = first r heads) needs no index at all.
+        self.num_own = len(own)
+        self.reused_heads = [h for h in range(self.num_kv_heads) if h not in own]
+        concat_order = own + self.reused_heads
+        in_order = concat_order == sorted(concat_order)
+        self.head_order = None if in_order else [concat_order.index(h) for h in range(self.num_kv_heads)]
 
     def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv):
         key_states = rope(self.project(self.k_proj, hidden_states), cos, sin)
@@ -177,10 +178,10 @@ class SkipV1Attention(SharedKVAttention):
         if past_key_values is not None:
             key_states, own_values = past_key_values.update(key_states, own_values, self.layer_idx)
         first_values = shared_kv[0][1]
-        value_states = torch.cat((own_values, first_values.index_select(1, self.reused_heads)), dim=1)
-        if self.needs_reorder:
-            value_states = value_states.index_select(1, self.head_order)
-        return key_states, value_states
+        if self.head_order is None:  # own heads are 0..r-1: layer 0's heads r.. follow as a slice
+            return key_states, torch.cat((own_values, first_values[:, self.num_own :]), dim=1)
+        value_states = torch.cat((own_values, first_values[:, self.reused_heads]), dim=1)
+        return key_states, value_states[:, self.head_order]
 
 
 ATTENTION_CLASSES: dict[str, type[SharedKVAttention]] = {

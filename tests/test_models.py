@@ -1,0 +1,346 @@
+"""The shared-KV architectures: exactness against Llama, cache semantics, positions, save/load, gradients."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Config
+from transformers import MistralForCausalLM, Qwen2ForCausalLM
+
+from models import SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes
+from models.modeling_sharedkv import FusedAttention
+
+VOCAB = 101
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+              max_position_embeddings=256, rope_theta=10000.0)
+
+
+def source_config(family="llama", layers=4, kv_heads=2, tied=False):
+    kw = dict(COMMON, num_hidden_layers=layers, num_key_value_heads=kv_heads, tie_word_embeddings=tied)
+    if family == "llama":
+        return LlamaConfig(**kw)
+    if family == "mistral":
+        return MistralConfig(sliding_window=None, **kw)
+    return Qwen2Config(use_sliding_window=False, **kw)
+
+
+SOURCE_CLASSES = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
+
+
+def random_source(family="llama", seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = source_config(family, **kw)
+    model = SOURCE_CLASSES[family](cfg).eval()
+    with torch.no_grad():  # biases start at zero; make Qwen2's q/k/v biases matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def random_gates(model, seed=1):
+    """Gates away from their copy init, so the fusion really mixes both layers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_gate_" in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 2 - 0.5)
+    return model
+
+
+def layout_model(layout, source=None, seed=0, **layout_kwargs):
+    source = source or random_source(seed=seed)
+    cfg = SharedKVConfig.from_source(source.config, layout, **layout_kwargs)
+    torch.manual_seed(seed + 1)
+    model = SharedKVForCausalLM(cfg).eval()
+    model.load_state_dict(first_heads_state(source.state_dict(), cfg), strict=False)
+    return random_gates(model)
+
+
+def first_heads_state(state, cfg):
+    """Source weights in the layout's shapes: SkipV1 layers keep the rows of their own value heads."""
+    state = dict(state)
+    if cfg.kv_layout == "skipv1":
+        for layer in range(1, cfg.num_hidden_layers):
+            rows = torch.tensor([h * cfg.head_dim + d for h in cfg.skipv1_own_heads[layer] for d in range(cfg.head_dim)],
+                                dtype=torch.long)
+            for kind in ("weight", "bias"):
+                key = f"model.layers.{layer}.self_attn.v_proj.{kind}"
+                if key in state:
+                    state[key] = state[key][rows]
+    return state
+
+
+LAYOUT_CASES = [
+    ("fusedkv", {}),
+    ("fusedkv_lite", {}),
+    ("skipv1", {}),
+]
+
+
+# --- sharing switched off == the unconverted transformers model ----------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kv_heads,tied", [(4, False), (2, True)])
+@pytest.mark.parametrize("layout", ["fusedkv", "fusedkv_lite", "skipv1"])
+def test_sharing_off_equals_source_logits(family, kv_heads, tied, layout):
+    source = random_source(family, kv_heads=kv_heads, tied=tied)
+    off = {"num_storage_layers": 4} if layout != "skipv1" else {"skipv1_own_heads": [list(range(kv_heads))] * 4}
+    cfg = SharedKVConfig.from_source(source.config, layout, **off)
+    model = SharedKVForCausalLM(cfg).eval()
+    result = model.load_state_dict(source.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    ids = torch.randint(0, VOCAB, (2, 17))
+    torch.testing.assert_close(model(ids).logits, source(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_skipv1_keeps_only_own_value_rows():
+    model = layout_model("skipv1", skipv1_own_heads=[[0, 1], [1]] + [[0]] * 2)
+    assert model.model.layers[1].self_attn.v_proj.weight.shape == (16, 64)
+    assert model.model.layers[0].self_attn.v_proj.weight.shape == (32, 64)
+
+
+def test_fusedkv_top_layers_have_no_kv_projection():
+    model = layout_model("fusedkv")
+    names = {n for n, _ in model.named_parameters()}
+    assert "model.layers.1.self_attn.k_proj.weight" in names
+    top = [n for n in names if n.startswith(("model.layers.2.", "model.layers.3."))]
+    assert not any("k_proj" in n or "v_proj" in n for n in top)
+    assert model.model.layers[3].self_attn.key_gate_bottom.shape == (2, 8)
+    assert model.model.layers[3].self_attn.value_gate_middle.shape == (2, 16)
+
+
+def test_fusedkv_copy_init_equals_lite():
+    source = random_source()
+    fused = SharedKVForCausalLM(SharedKVConfig.from_source(source.config, "fusedkv")).eval()
+    lite = SharedKVForCausalLM(SharedKVConfig.from_source(source.config, "fusedkv_lite")).eval()
+    fused.load_state_dict(source.state_dict(), strict=False)
+    lite.load_state_dict(source.state_dict(), strict=False)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    torch.testing.assert_close(fused(ids).logits, lite(ids).logits, atol=1e-6, rtol=0)
+
+
+# --- incremental decoding equals a full forward --------------------------------------------------
+
+def incremental_logits(model, ids, prefix):
+    out = model(ids[:, :prefix], use_cache=True)
+    steps, cache = [out.logits], out.past_key_values
+    for t in range(prefix, ids.shape[1]):
+        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+    return torch.cat(steps, dim=1), cache
+
+
+@pytest.mark.parametrize("layers", [4, 5])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("layout,kwargs", LAYOUT_CASES)
+def test_incremental_decoding_equals_full_forward(layout, kwargs, kv_heads, layers):
+    source = random_source(layers=layers, kv_heads=kv_heads)
+    model = layout_model(layout, source=source, **kwargs)
+    ids = torch.randint(0, VOCAB, (2, 14))
+    full = model(ids).logits
+    inc, _ = incremental_logits(model, ids, prefix=6)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
+
+
+def test_skipv1_odd_kv_heads_with_arbitrary_own_heads():
+    torch.manual_seed(0)
+    src = LlamaForCausalLM(LlamaConfig(**{**COMMON, "hidden_size": 48, "num_attention_heads": 6,
+                                          "num_key_value_heads": 3, "num_hidden_layers": 3})).eval()
+    cfg = SharedKVConfig.from_source(src.config, "skipv1", skipv1_own_heads=[[0, 1, 2], [2], [0, 2]])
+    model = SharedKVForCausalLM(cfg).eval()
+    model.load_state_dict(first_heads_state(src.state_dict(), cfg), strict=False)
+    ids = torch.randint(0, VOCAB, (1, 10))
+    inc, cache = incremental_logits(model, ids, prefix=3)
+    torch.testing.assert_close(inc, model(ids).logits, atol=1e-5, rtol=0)
+    assert cache.layers[1].values.shape[1] == 1 and cache.layers[2].values.shape[1] == 2
+    # Layer 1 attends with layer 0's value heads 0 and 1 and its own head 2, each at its own index.
+    captured = {}
+    attn = model.model.layers[1].self_attn
+    original = attn.keys_values
+    attn.keys_values = lambda *a: captured.setdefault("kv", original(*a))
+    model(ids)
+    v1 = captured["kv"][1]
+    v0 = model.model.layers[0].self_attn.project(
+        model.model.layers[0].self_attn.v_proj, model.model.layers[0].input_layernorm(model.model.embed_tokens(ids)))
+    torch.testing.assert_close(v1[:, :2], v0[:, :2])
+    assert not torch.allclose(v1[:, 2], v0[:, 2])
+
+
+def test_skipv1_default_own_heads_is_half_of_kv_heads():
+    cfg = SharedKVConfig.from_source(source_config(kv_heads=4), "skipv1")
+    assert cfg.skipv1_own_heads[1:] == [[0, 1]] * 3
+    cfg3 = SharedKVConfig(**{**source_config(kv_heads=1).to_dict(), "kv_layout": "skipv1"})
+    assert cfg3.skipv1_own_heads[1] == []
+
+
+# --- the cache really holds only the shared layers' K/V -----------------------------------------
+
+@pytest.mark.parametrize("layers", [4, 5])
+@pytest.mark.parametrize("layout,kwargs", LAYOUT_CASES + [("skipv1", {"skipv1_own_heads": [[0, 1], [1]] + [[]] * 3})])
+def test_measured_cache_bytes_equal_arithmetic(layout, kwargs, layers):
+    source = random_source(layers=layers, kv_heads=2)
+    if layout == "skipv1" and "skipv1_own_heads" in kwargs:
+        kwargs = {"skipv1_own_heads": kwargs["skipv1_own_heads"][:layers]}
+    model = layout_model(layout, source=source, **kwargs)
+    batch, tokens = 3, 11
+    _, cache = incremental_logits(model, torch.randint(0, VOCAB, (batch, tokens)), prefix=5)
+    cfg = model.config
+    per_token = cfg.kv_cache_bytes_per_token(4)
+    assert kv_cache_bytes(cache) == per_token * batch * tokens
+    head_bytes = cfg.head_dim * 4
+    full = 2 * layers * cfg.num_key_value_heads * head_bytes
+    storing = cfg.num_storage_layers
+    if layout in ("fusedkv", "fusedkv_lite"):
+        assert per_token == 2 * storing * cfg.num_key_value_heads * head_bytes
+        assert storing == (layers + 1) // 2
+        if layers % 2 == 0:
+            assert per_token * 2 == full
+    else:
+        own = sum(len(h) for h in cfg.skipv1_own_heads[1:])
+        assert per_token == (layers * cfg.num_key_value_heads + cfg.num_key_value_heads + own) * head_bytes
+
+
+# --- FusedKV keeps attention relative ------------------------------------------------------------
+
+def shifted_logits(model, ids, shift):
+    positions = torch.arange(ids.shape[1])[None] + shift
+    return model(ids, position_ids=positions).logits
+
+
+def test_fusedkv_logits_invariant_to_position_shift():
+    model = layout_model("fusedkv")
+    ids = torch.randint(0, VOCAB, (2, 12))
+    torch.testing.assert_close(shifted_logits(model, ids, 0), shifted_logits(model, ids, 37), atol=2e-5, rtol=0)
+
+
+def test_untied_rope_pair_gates_would_break_relative_positions(monkeypatch):
+    """The tie is what keeps FusedKV relative: a gate that differs within a RoPE pair fails the shift check."""
+    model = layout_model("fusedkv")
+    monkeypatch.setattr(FusedAttention, "key_gate", staticmethod(
+        lambda half: torch.cat((half, half.flip(-1)), dim=-1)[None, :, None, :]))
+    ids = torch.randint(0, VOCAB, (2, 12))
+    diff = (shifted_logits(model, ids, 0) - shifted_logits(model, ids, 37)).abs().max()
+    assert diff > 1e-3
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["fusedkv", "fusedkv_lite", "skipv1"])
+def test_batched_left_padded_generation_matches_single_sequences(layout):
+    model = layout_model(layout)
+    model.generation_config.pad_token_id = 0
+    prompts = [torch.randint(1, VOCAB, (n,)) for n in (7, 4)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    for row, p in enumerate(prompts):
+        single = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                max_new_tokens=6, do_sample=False)
+        assert torch.equal(batched[row, width:], single[0, len(p):])
+
+
+def test_sampled_generation_is_reproducible_with_a_seed():
+    model = layout_model("fusedkv")
+    ids = torch.randint(1, VOCAB, (2, 5))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                   do_sample=True, top_k=20, pad_token_id=0))
+    assert runs[0].shape == (2, 13) and torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("layout", ["fusedkv", "skipv1"])
+def test_eager_and_sdpa_attention_agree(layout):
+    model = layout_model(layout)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    model.config._attn_implementation = "eager"
+    eager = model(ids).logits
+    model.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(model(ids).logits, eager, atol=1e-5, rtol=0)
+
+
+# --- save / load ---------------------------------------------------------------------------------
+
+LOAD_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = torch.tensor(json.loads(sys.argv[2]))
+print(json.dumps({"logits": model(ids).logits.tolist(), "class": type(model).__name__}))
+"""
+
+
+@pytest.mark.parametrize("layout", ["fusedkv", "skipv1"])
+def test_save_and_reload_in_fresh_process_without_project(tmp_path, layout):
+    model = layout_model(layout, source=random_source("qwen2"))
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_sharedkv.SharedKVForCausalLM"
+    ids = torch.randint(0, VOCAB, (1, 8))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path / "ckpt"), json.dumps(ids.tolist())],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["class"] == "SharedKVForCausalLM"
+    torch.testing.assert_close(torch.tensor(result["logits"]), model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_reload_in_process_keeps_layout_fields(tmp_path):
+    model = layout_model("skipv1", skipv1_own_heads=[[0, 1], [1], [0], [1]])
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    assert again.config.skipv1_own_heads == [[0, 1], [1], [0], [1]]
+    assert again.config.qkv_bias is False and again.config.kv_layout == "skipv1"
+
+
+# --- training -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["fusedkv", "fusedkv_lite", "skipv1"])
+def test_gradients_reach_every_gate_and_projection(layout):
+    model = layout_model(layout).train()
+    ids = torch.randint(0, VOCAB, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = layout_model("fusedkv").train()
+    ids = torch.randint(0, VOCAB, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# --- config validation ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad,match", [
+    ({"kv_layout": "nope"}, "unknown kv_layout"),
+    ({"num_hidden_layers": 1}, "at least 2 layers"),
+    ({"num_storage_layers": 9}, "num_storage_layers"),
+    ({"kv_layout": "skipv1", "skipv1_own_heads": [[0, 1], [5], [0], [0]]}, "distinct heads"),
+])
+def test_config_rejects_bad_layout_fields(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SharedKVConfig(**{**source_config().to_dict(), **bad})
+
+
+def test_unsupported_source_architecture_is_named():
+    from transformers import GPT2Config
+    with pytest.raises(ValueError, match="supported: llama, mistral, qwen2"):
+        SharedKVConfig.from_source(GPT2Config(), "fusedkv")
+    with pytest.raises(ValueError, match="sliding window"):
+        SharedKVConfig.from_source(MistralConfig(sliding_window=64, **COMMON), "fusedkv")
