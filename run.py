@@ -24,12 +24,14 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """Every subcommand is listed; only the chosen one is imported (keeps `--help` and start-up fast)."""
     parser = argparse.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(sub_parser)
+        if name == command:
+            importlib.import_module(module).add_arguments(sub_parser)
         sub_parser.set_defaults(module=module)
     return parser
 
@@ -40,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     from common.console import console
     from common.errors import UserError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return importlib.import_module(args.module).main(args)
     except UserError as err:

@@ -1,0 +1,125 @@
+"""`--init calibrated`: closed-form fits on the source model's own K/V over calibration text.
+
+* FusedKV: for each top layer i, kv head h and RoPE pair j, the key gates (a, b) minimise
+  sum (a*K_0 + b*K_m - K_i)^2 over every token and both members of the pair (so the tie that
+  keeps attention relative holds), and each value feature's gates (c, d) likewise for V.
+  These are 2x2 normal equations per gate pair, solved in one batched call.
+* SkipV1Former: an own head's v_proj rows that best reproduce that head's original values are
+  the original rows themselves (the least-squares optimum is exact), so the fit is in the choice
+  of heads: with ``heads="auto"`` each layer reuses the heads whose original values layer 0's
+  heads match best and computes the rest.
+
+Errors are relative squared errors of the layer's K and V against the source's, before (copy
+init) and after the fit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models import SharedKVConfig
+from models.modeling_sharedkv import rope
+
+RIDGE = 1e-6
+
+
+@dataclass
+class CalibratedFit:
+    tensors: dict[str, torch.Tensor]
+    skipv1_own_heads: list[list[int]] | None
+    report: list[dict]
+
+
+@torch.no_grad()
+def source_kv(source: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Post-RoPE keys and values of every source layer, each (batch, kv_heads, seq, head_dim)."""
+    d = source.config.head_dim if getattr(source.config, "head_dim", None) else (
+        source.config.hidden_size // source.config.num_attention_heads)
+    captured: dict[int, dict[str, torch.Tensor]] = {}
+    hooks = []
+    for i, layer in enumerate(source.model.layers):
+        for name in ("k_proj", "v_proj"):
+            hooks.append(getattr(layer.self_attn, name).register_forward_hook(
+                lambda m, a, out, i=i, name=name: captured.setdefault(i, {}).__setitem__(name, out)))
+    try:
+        source(ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    positions = torch.arange(ids.shape[1])[None]
+    cos, sin = source.model.rotary_emb(source.model.embed_tokens(ids), position_ids=positions)
+    kv = []
+    for i in range(len(source.model.layers)):
+        k = captured[i]["k_proj"].unflatten(-1, (-1, d)).transpose(1, 2)
+        v = captured[i]["v_proj"].unflatten(-1, (-1, d)).transpose(1, 2)
+        kv.append((rope(k, cos, sin), v))
+    return kv
+
+
+def relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return ((pred - target).pow(2).sum() / target.pow(2).sum()).item()
+
+
+def solve_gates(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature least squares y ~ a*x1 + b*x2, summing over `dims`; returns (a, b)."""
+    s11, s12, s22 = (x1 * x1).sum(dims), (x1 * x2).sum(dims), (x2 * x2).sum(dims)
+    s1y, s2y = (x1 * y).sum(dims), (x2 * y).sum(dims)
+    gram = torch.stack([torch.stack([s11, s12], -1), torch.stack([s12, s22], -1)], -2).double()
+    gram += RIDGE * gram.diagonal(dim1=-2, dim2=-1).mean() * torch.eye(2, dtype=gram.dtype)
+    rhs = torch.stack([s1y, s2y], -1).double().unsqueeze(-1)
+    solution = torch.linalg.solve(gram, rhs).squeeze(-1).float()
+    return solution[..., 0], solution[..., 1]
+
+
+def pairs(x: torch.Tensor) -> torch.Tensor:
+    """(b, h, t, d) -> (b, h, t, 2, d/2): the two members of every RoPE pair side by side."""
+    return x.unflatten(-1, (2, x.shape[-1] // 2))
+
+
+def fit_fusedkv(cfg: SharedKVConfig, kv: list) -> CalibratedFit:
+    (k0, v0), (km, vm) = kv[0], kv[cfg.middle_layer]
+    tensors, report = {}, []
+    for i in range(cfg.num_hidden_layers):
+        if cfg.layer_role(i) != "fused":
+            continue
+        ki, vi = kv[i]
+        a, b = solve_gates(pairs(k0), pairs(km), pairs(ki), dims=(0, 2, 3))  # (kv_heads, d/2)
+        c, d = solve_gates(v0, vm, vi, dims=(0, 2))  # (kv_heads, d)
+        p = f"model.layers.{i}.self_attn."
+        tensors.update({p + "key_gate_bottom": a, p + "key_gate_middle": b,
+                        p + "value_gate_bottom": c, p + "value_gate_middle": d})
+        fused_k = torch.cat([a, a], -1)[None, :, None] * k0 + torch.cat([b, b], -1)[None, :, None] * km
+        fused_v = c[None, :, None] * v0 + d[None, :, None] * vm
+        report.append({"layer": i, "error_before": (relative_error(km, ki) + relative_error(v0, vi)) / 2,
+                       "error_after": (relative_error(fused_k, ki) + relative_error(fused_v, vi)) / 2})
+    return CalibratedFit(tensors, None, report)
+
+
+def fit_skipv1(cfg: SharedKVConfig, kv: list, auto_heads: bool) -> CalibratedFit:
+    v0 = kv[0][1]
+    heads, report = [list(range(cfg.num_key_value_heads))], []
+    for i in range(1, cfg.num_hidden_layers):
+        vi = kv[i][1]
+        own = cfg.skipv1_own_heads[i]
+        # per-head error if this head were taken from layer 0
+        reuse_error = (v0 - vi).pow(2).sum((0, 2, 3)) / vi.pow(2).sum((0, 2, 3))
+        if auto_heads:
+            own = sorted(reuse_error.argsort(descending=True)[: len(own)].tolist())
+        heads.append(own)
+        def layer_error(own_heads: list[int]) -> float:
+            reused = [h for h in range(cfg.num_key_value_heads) if h not in own_heads]
+            return (v0[:, reused] - vi[:, reused]).pow(2).sum().item() / vi.pow(2).sum().item()
+        report.append({"layer": i, "own_heads": own, "error_before": layer_error(cfg.skipv1_own_heads[i]),
+                       "error_after": layer_error(own)})
+    return CalibratedFit({}, heads, report)
+
+
+def calibrate(source: nn.Module, cfg: SharedKVConfig, ids: torch.Tensor, auto_heads: bool = False) -> CalibratedFit:
+    kv = source_kv(source, ids)
+    if cfg.kv_layout == "fusedkv":
+        return fit_fusedkv(cfg, kv)
+    if cfg.kv_layout == "skipv1":
+        return fit_skipv1(cfg, kv, auto_heads)
+    return CalibratedFit({}, None, [])  # FusedKV-Lite has nothing to fit in closed form

@@ -1,0 +1,221 @@
+"""`run.py convert`: map a checkpoint to a shared-KV layout, streaming, atomically.
+
+    python run.py convert --layout fusedkv --out checkpoints/smollm2-fusedkv
+    python run.py convert --plan configs/convert-smollm2-fusedkv.yaml --dry-run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from common.console import console, progress
+from common.errors import UserError
+from common.sources import is_gguf, load_tokenizer, resolve_model_path
+from models import AUTO_MAP, LAYOUTS, SharedKVConfig, write_model_code
+
+from .plan import Plan, build_plan, mark_fitted, materialize
+from .report import dry_run_table, manifest
+from .source import TensorSource, open_source
+from .writer import atomic_folder, parse_size, write_shards
+
+INITS = ("copy", "calibrated", "reconstruct")
+DEFAULTS = {
+    "source": None, "layout": "fusedkv", "out": None, "init": "copy", "skipv1_init": "mean",
+    "skipv1_own_heads": None, "skipv1_heads": "first", "storage_layers": None, "calib_text": None,
+    "calib_tokens": 2048, "reconstruct_steps": 150, "reconstruct_lr": 1e-2, "reconstruct_mode": "sequential",
+    "seed": 0, "dtype": None, "max_shard_size": "5GB", "dry_run": False, "force": False,
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+CALIB_SAMPLE = Path(__file__).resolve().parent / "calib_sample.txt"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan", help="YAML file with any of the options below (flags override it)")
+    parser.add_argument("--source", help="HF folder of safetensors, or a .gguf file (default: embedded SmolLM2-135M)")
+    parser.add_argument("--layout", choices=LAYOUTS, help="target layout (default fusedkv)")
+    parser.add_argument("--out", help="output folder (default checkpoints/<source>-<layout>-<init>)")
+    parser.add_argument("--init", help=f"initialization: {', '.join(INITS)} (default copy)")
+    parser.add_argument("--skipv1-init", choices=("mean", "first"), help="own value heads: mean with partner (default) or as they are")
+    parser.add_argument("--skipv1-own-heads", type=int, help="own value heads per SkipV1 layer (default kv_heads // 2)")
+    parser.add_argument("--skipv1-heads", choices=("first", "auto"), help="which heads are own: the first ones, or chosen by calibration")
+    parser.add_argument("--storage-layers", type=int, help="FusedKV layers that store K/V (default ceil(L/2))")
+    parser.add_argument("--calib-text", help="calibration text for calibrated/reconstruct (default: built-in sample)")
+    parser.add_argument("--calib-tokens", type=int, help="calibration tokens (default 2048)")
+    parser.add_argument("--reconstruct-steps", type=int, help="Adam steps per layer for reconstruct (default 150)")
+    parser.add_argument("--reconstruct-lr", type=float, help="Adam learning rate for reconstruct (default 1e-2)")
+    parser.add_argument("--reconstruct-mode", choices=("sequential", "independent"), help="default sequential")
+    parser.add_argument("--seed", type=int, help="seed for reconstruct (default 0)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: the source's)")
+    parser.add_argument("--max-shard-size", help="largest output shard, e.g. 2GB (default 5GB)")
+    parser.add_argument("--dry-run", action="store_true", default=None, help="print the plan, write nothing")
+    parser.add_argument("--force", action="store_true", default=None, help="replace an existing output folder")
+
+
+def resolve_options(args: argparse.Namespace) -> dict:
+    opts = dict(DEFAULTS)
+    if args.plan:
+        try:
+            planned = yaml.safe_load(Path(args.plan).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise UserError(f"cannot read plan {args.plan}: {err}") from err
+        unknown = sorted(set(planned) - set(DEFAULTS))
+        if unknown:
+            raise UserError(f"unknown key {unknown[0]!r} in {args.plan}; known: {', '.join(DEFAULTS)}")
+        opts.update(planned)
+    opts.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
+    if opts["layout"] not in LAYOUTS:
+        raise UserError(f"unknown layout {opts['layout']!r}; choose one of {', '.join(LAYOUTS)}")
+    if opts["init"] not in INITS:
+        raise UserError(f"unknown init {opts['init']!r}; choose one of {', '.join(INITS)}")
+    return opts
+
+
+def layout_config(source: TensorSource, opts: dict) -> SharedKVConfig:
+    cfg = source.config
+    kwargs = {}
+    if opts["storage_layers"] is not None:
+        kwargs["num_storage_layers"] = opts["storage_layers"]
+    if opts["skipv1_own_heads"] is not None:
+        r = opts["skipv1_own_heads"]
+        kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        if not 0 <= r <= kv:
+            raise UserError(f"--skipv1-own-heads must be in 0..{kv}, got {r}")
+        kwargs["skipv1_own_heads"] = [list(range(kv))] + [list(range(r))] * (cfg.num_hidden_layers - 1)
+    try:
+        return SharedKVConfig.from_source(cfg, opts["layout"], **kwargs)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+
+
+def calibration_ids(source_path: Path, opts: dict) -> torch.Tensor:
+    path = Path(opts["calib_text"]) if opts["calib_text"] else CALIB_SAMPLE
+    if not path.is_file():
+        raise UserError(f"calibration text {path} does not exist")
+    ids = load_tokenizer(source_path)(path.read_text(encoding="utf-8"))["input_ids"]
+    n = min(opts["calib_tokens"], len(ids))
+    if n < 64:
+        raise UserError(f"calibration text {path} has only {len(ids)} tokens; give at least 64")
+    seq = min(512, n)
+    return torch.tensor(ids[: n // seq * seq]).view(-1, seq)
+
+
+def in_memory_model(plan: Plan, source: TensorSource):
+    from models import SharedKVForCausalLM
+
+    model = SharedKVForCausalLM(plan.config).eval()
+    state = {m.target: materialize(plan, source, m).float() for m in plan.mappings}
+    model.load_state_dict(state, strict=not plan.config.tie_word_embeddings)
+    return model
+
+
+def fit(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tuple[Plan, list[dict]]:
+    """Run the calibrated or reconstruct fit; returns the plan with fitted tensors and the per-layer report."""
+    from common.sources import load_causal_lm
+
+    ids = calibration_ids(source_path, opts)
+    source_model = load_causal_lm(source_path)
+    if opts["init"] == "calibrated":
+        from .calibrate import calibrate
+
+        result = calibrate(source_model, plan.config, ids, auto_heads=opts["skipv1_heads"] == "auto")
+        if result.skipv1_own_heads is not None:
+            cfg = SharedKVConfig(**{**plan.config.to_dict(), "skipv1_own_heads": result.skipv1_own_heads})
+            plan = build_plan(source, cfg, opts["skipv1_init"] if opts["skipv1_heads"] != "auto" else "first")
+        mark_fitted(plan, result.tensors)
+        return plan, result.report
+
+    from .reconstruct import ReconstructOptions, fits_as_dicts, print_fit_table, reconstruct
+
+    target = in_memory_model(plan, source)
+    fits = reconstruct(source_model, target, ids, ReconstructOptions(
+        steps=opts["reconstruct_steps"], lr=opts["reconstruct_lr"], mode=opts["reconstruct_mode"], seed=opts["seed"]))
+    print_fit_table(fits)
+    state = target.state_dict()
+    fitted_names = {m.target for m in plan.mappings if _is_fitted_param(plan.config, m.target)}
+    mark_fitted(plan, {k: state[k] for k in fitted_names})
+    return plan, fits_as_dicts(fits)
+
+
+def _is_fitted_param(cfg: SharedKVConfig, name: str) -> bool:
+    from .reconstruct import FITTED_PARAMS
+
+    parts = name.split(".")
+    if len(parts) < 5 or parts[3] != "self_attn":
+        return False
+    return parts[4] in FITTED_PARAMS.get(cfg.layer_role(int(parts[2])), ())
+
+
+def output_dtype(source: TensorSource, opts: dict) -> torch.dtype:
+    if opts["dtype"]:
+        return getattr(torch, opts["dtype"])
+    first = source.dtypes["model.embed_tokens.weight"]
+    if isinstance(first, torch.dtype):
+        return first
+    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(first, torch.float32)
+
+
+def default_out(source_path: Path, opts: dict) -> Path:
+    stem = source_path.stem if is_gguf(source_path) else source_path.name
+    return Path("checkpoints") / f"{stem}-{opts['layout']}-{opts['init']}"
+
+
+def check_output(out: Path, source_path: Path, nbytes: int) -> None:
+    src_dir = (source_path if source_path.is_dir() else source_path.parent).resolve()
+    if out.resolve() == src_dir or src_dir in out.resolve().parents:
+        raise UserError(f"output {out} is inside the input folder {src_dir}; choose another --out")
+    probe = out.parent if out.parent.exists() else Path(".")
+    free = shutil.disk_usage(probe.resolve()).free
+    if free < nbytes * 1.05:
+        raise UserError(f"not enough disk space in {probe}: the output needs ~{nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+
+
+def write_extras(folder: Path, source: TensorSource, source_path: Path, cfg: SharedKVConfig, dtype: torch.dtype) -> None:
+    """config.json with auto_map, the modeling code, the tokenizer and generation config."""
+    cfg.architectures = ["SharedKVForCausalLM"]
+    cfg.auto_map = dict(AUTO_MAP)
+    cfg.dtype = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(cfg.to_json_string(use_diff=False))
+    write_model_code(folder)
+    if is_gguf(source_path):
+        load_tokenizer(source_path).save_pretrained(folder)
+    else:
+        for name in TOKENIZER_FILES:
+            if (source_path / name).is_file():
+                shutil.copyfile(source_path / name, folder / name)
+
+
+def main(args: argparse.Namespace) -> int:
+    opts = resolve_options(args)
+    source_path = resolve_model_path(opts["source"])
+    source = open_source(source_path)
+    plan = build_plan(source, layout_config(source, opts), opts["skipv1_init"])
+    dtype = output_dtype(source, opts)
+    out = Path(opts["out"]) if opts["out"] else default_out(source_path, opts)
+    if opts["dry_run"]:
+        dry_run_table(plan, source, dtype)
+        return 0
+    max_bytes = parse_size(str(opts["max_shard_size"]))
+    check_output(out, source_path, plan.param_count() * torch.tensor([], dtype=dtype).element_size())
+    if out.exists() and not opts["force"]:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    fit_report = []
+    if opts["init"] != "copy":
+        plan, fit_report = fit(plan, source, source_path, opts)
+
+    by_name = {m.target: m for m in plan.mappings}
+    with atomic_folder(out, opts["force"]) as tmp, progress() as bar:
+        task = bar.add_task("writing tensors", total=len(plan.mappings))
+        write_shards(tmp, [(m.target, m.shape) for m in plan.mappings], dtype, max_bytes,
+                     produce=lambda name: materialize(plan, source, by_name[name]),
+                     on_tensor=lambda: bar.advance(task))
+        write_extras(tmp, source, source_path, plan.config, dtype)
+        (tmp / "conversion.json").write_text(
+            json.dumps(manifest(plan, source, source_path, opts, dtype, fit_report), indent=2, sort_keys=True) + "\n")
+    console.print(f"[green]wrote[/] {out} ({opts['layout']}, init {opts['init']})")
+    return 0

@@ -1,0 +1,153 @@
+"""The conversion plan: every target tensor, where it comes from and by which rule.
+
+Built and checked before a byte is written (mergekit style); ``--dry-run`` prints it, the
+writer executes it, and ``conversion.json`` saves it. Rules:
+
+* ``copy``       target = source tensor
+* ``fill``       a new tensor of a constant (FusedKV gates at their copy initialization)
+* ``heads``      SkipV1 own-head rows of v_proj: ``own`` heads, each averaged with its ``partner``
+                 head (the reused head it stands for) when ``mean`` is set ("mean V" init)
+* ``fitted``     computed by a calibrated or reconstruct fit (kept in memory until written)
+
+Source tensors that no target uses are listed as dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from common.errors import UserError
+from models import SharedKVConfig
+
+from .source import TensorSource
+
+FUSED_GATE_INIT = {"key_gate_bottom": 0.0, "key_gate_middle": 1.0, "value_gate_bottom": 1.0, "value_gate_middle": 0.0}
+
+
+@dataclass
+class Mapping:
+    target: str
+    rule: str
+    shape: tuple[int, ...]
+    source: str | None = None
+    args: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"target": self.target, "rule": self.rule, "source": self.source, "shape": list(self.shape), **self.args}
+
+
+@dataclass
+class Plan:
+    config: SharedKVConfig
+    mappings: list[Mapping]
+    dropped: list[str]
+    fitted: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def param_count(self) -> int:
+        return sum(_numel(m.shape) for m in self.mappings)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def expected_source_shapes(cfg: SharedKVConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Llama/Mistral/Qwen2 checkpoint of this config must hold, with its shape."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv, inter = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        attn = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+        for name, shape in attn.items():
+            shapes[f"{p}self_attn.{name}.weight"] = shape
+            has_bias = cfg.attention_bias if name == "o_proj" else cfg.qkv_bias
+            if has_bias:
+                shapes[f"{p}self_attn.{name}.bias"] = shape[:1]
+        for name, shape in {"gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}.items():
+            shapes[f"{p}mlp.{name}.weight"] = shape
+            if cfg.mlp_bias:
+                shapes[f"{p}mlp.{name}.bias"] = shape[:1]
+        shapes[f"{p}input_layernorm.weight"] = (h,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
+    return shapes
+
+
+def check_source(source: TensorSource, cfg: SharedKVConfig) -> dict[str, tuple[int, ...]]:
+    expected = expected_source_shapes(cfg)
+    for key, shape in expected.items():
+        if key not in source.shapes:
+            raise UserError(f"source tensor {key} is missing (the config says it must exist)")
+        if tuple(source.shapes[key]) != shape:
+            raise UserError(f"source tensor {key} has shape {list(source.shapes[key])}, the config implies {list(shape)}")
+    return expected
+
+
+def skipv1_partners(own: list[int], kv_heads: int) -> list[int | None]:
+    """Own head j stands for reused head j' (own and reused heads paired in ascending order)."""
+    reused = [h for h in range(kv_heads) if h not in own]
+    return [reused[j] if j < len(reused) else None for j in range(len(own))]
+
+
+def build_plan(source: TensorSource, cfg: SharedKVConfig, skipv1_init: str = "mean") -> Plan:
+    expected = check_source(source, cfg)
+    mappings: list[Mapping] = []
+    used: set[str] = set()
+    for key, shape in expected.items():
+        parts = key.split(".")
+        if len(parts) > 4 and parts[3] == "self_attn":
+            layer, proj, kind = int(parts[2]), parts[4], parts[5]
+            role = cfg.layer_role(layer)
+            if role in ("fused", "lite") and proj in ("k_proj", "v_proj"):
+                continue  # top layers read other layers' K/V: these projections are dropped
+            if role == "skipv1" and proj == "v_proj":
+                own = cfg.skipv1_own_heads[layer]
+                args = {"own": own, "partners": skipv1_partners(own, cfg.num_key_value_heads) if skipv1_init == "mean" else None}
+                mappings.append(Mapping(key, "heads", (len(own) * cfg.head_dim, *shape[1:]), key, args))
+                used.add(key)
+                continue
+        mappings.append(Mapping(key, "copy", shape, key))
+        used.add(key)
+    for layer in range(cfg.num_hidden_layers):
+        if cfg.layer_role(layer) == "fused":
+            for name, value in FUSED_GATE_INIT.items():
+                width = cfg.head_dim // 2 if name.startswith("key") else cfg.head_dim
+                target = f"model.layers.{layer}.self_attn.{name}"
+                mappings.append(Mapping(target, "fill", (cfg.num_key_value_heads, width), None, {"value": value}))
+    dropped = sorted(k for k in source.keys() if k not in used)
+    return Plan(cfg, mappings, dropped)
+
+
+def materialize(plan: Plan, source: TensorSource, mapping: Mapping) -> torch.Tensor:
+    """Compute one target tensor from its rule (reads at most one source tensor)."""
+    if mapping.target in plan.fitted:
+        return plan.fitted[mapping.target]
+    if mapping.rule == "copy":
+        return source.get(mapping.source)
+    if mapping.rule == "fill":
+        return torch.full(mapping.shape, mapping.args["value"], dtype=torch.float32)
+    if mapping.rule == "heads":
+        d = plan.config.head_dim
+        heads = source.get(mapping.source).unflatten(0, (-1, d))
+        own = heads[mapping.args["own"]]
+        partners = mapping.args["partners"]
+        if partners:
+            mixed = [(heads[o] + heads[p]) / 2 if p is not None else heads[o] for o, p in zip(mapping.args["own"], partners)]
+            own = torch.stack(mixed) if mixed else own
+        return own.flatten(0, 1)
+    raise ValueError(f"unknown rule {mapping.rule}")
+
+
+def mark_fitted(plan: Plan, tensors: dict[str, torch.Tensor]) -> None:
+    """Tensors produced by a fit replace their rule's output; the manifest records the rule as fitted."""
+    for mapping in plan.mappings:
+        if mapping.target in tensors:
+            plan.fitted[mapping.target] = tensors[mapping.target].detach().clone()
+            mapping.args = {**mapping.args, "initial_rule": mapping.rule}
+            mapping.rule = "fitted"

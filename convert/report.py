@@ -1,0 +1,65 @@
+"""What a conversion tells the user: the dry-run table and the conversion.json manifest."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from common.console import console
+
+from .plan import Plan, _numel
+from .source import TensorSource
+
+
+def source_kv_bytes_per_token(cfg, bytes_per_element: int) -> int:
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * bytes_per_element
+
+
+def dry_run_table(plan: Plan, source: TensorSource, dtype: torch.dtype) -> None:
+    cfg = plan.config
+    table = Table(title=f"conversion plan: {cfg.source_model_type} -> {cfg.kv_layout}")
+    for col in ("target", "rule", "source", "shape"):
+        table.add_column(col, overflow="fold")
+    for m in plan.mappings:
+        if m.rule != "copy":
+            table.add_row(m.target, m.rule, m.source or "-", "x".join(map(str, m.shape)))
+    for key in plan.dropped:
+        table.add_row("-", "drop", key, "x".join(map(str, source.shapes[key])))
+    console.print(table)
+    rules = Counter(m.rule for m in plan.mappings)
+    element = torch.tensor([], dtype=dtype).element_size()
+    before = sum(_numel(s) for s in source.shapes.values())
+    kv_before, kv_after = source_kv_bytes_per_token(cfg, element), cfg.kv_cache_bytes_per_token(element)
+    summary = Table(title="summary", show_header=False)
+    summary.add_row("tensors kept (copy)", str(rules["copy"]))
+    summary.add_row("tensors reshaped (heads)", str(rules["heads"]))
+    summary.add_row("tensors new (fill)", str(rules["fill"]))
+    summary.add_row("tensors dropped", str(len(plan.dropped)))
+    summary.add_row("parameters", f"{before:,} -> {plan.param_count():,}")
+    summary.add_row(f"KV cache bytes/token ({str(dtype).removeprefix('torch.')})",
+                    f"{kv_before:,} -> {kv_after:,} ({100 * (1 - kv_after / kv_before):.1f}% saved)")
+    console.print(summary)
+
+
+def manifest(plan: Plan, source: TensorSource, source_path: Path, opts: dict, dtype: torch.dtype,
+             fit_report: list[dict]) -> dict:
+    import safetensors
+    import transformers
+
+    element = torch.tensor([], dtype=dtype).element_size()
+    return {
+        "source": {"path": str(source_path), "sha256": source.content_hash(), "model_type": plan.config.source_model_type},
+        "layout": plan.config.kv_layout,
+        "init": opts["init"],
+        "options": {k: v for k, v in sorted(opts.items()) if k not in ("force", "dry_run", "out")},
+        "dtype": str(dtype).removeprefix("torch."),
+        "kv_cache_bytes_per_token": {"source": source_kv_bytes_per_token(plan.config, element),
+                                     "converted": plan.config.kv_cache_bytes_per_token(element)},
+        "mappings": [m.as_dict() for m in plan.mappings],
+        "dropped": plan.dropped,
+        "fit": fit_report,
+        "versions": {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
+                     "safetensors": safetensors.__version__, "kvshare-uptrain": "0.1.0"},
+    }
