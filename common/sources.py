@@ -11,7 +11,8 @@ from pathlib import Path
 from .errors import UserError
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-WIKITEXT_DIR_CANDIDATES = ("../shared/data/wikitext-2", "data/wikitext-2")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+OOD_TEXT = PROJECT_ROOT / "data" / "ood" / "python-docs.txt"
 
 
 def default_model_path() -> Path:
@@ -77,10 +78,8 @@ def load_tokenizer(path: str | Path | None):
 
 
 def default_wikitext(split: str = "test") -> Path:
-    """WikiText-2 raw text shipped beside the project (../shared) or copied into data/."""
-    root = Path(__file__).resolve().parent.parent
-    for cand in WIKITEXT_DIR_CANDIDATES:
-        p = (root / cand / f"{split}.txt").resolve()
-        if p.is_file():
-            return p
-    raise UserError(f"WikiText-2 {split}.txt not found; pass --data PATH (any text file or a datasets dataset)")
+    """WikiText-2 raw text shipped in data/wikitext-2 (CC BY-SA 3.0)."""
+    path = PROJECT_ROOT / "data" / "wikitext-2" / f"{split}.txt"
+    if not path.is_file():
+        raise UserError(f"WikiText-2 {split}.txt not found at {path}; pass --data PATH (a text file or a datasets dataset)")
+    return path

@@ -1,0 +1,55 @@
+"""Strided sliding-window perplexity, kept per window so differences can be bootstrapped.
+
+Windows of ``context`` tokens move by ``stride``; in each window only the tokens not scored by
+an earlier window count (Hugging Face's perplexity guide), so every token after the first is
+scored exactly once, with up to ``context - stride`` tokens of left context.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.console import progress
+
+
+@dataclass
+class WindowScores:
+    nll: np.ndarray  # summed negative log-likelihood of the tokens each window scores (nats)
+    count: np.ndarray  # how many tokens each window scores
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll.sum() / self.count.sum())
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) for each window."""
+    spans, prev_end, begin = [], 0, 0
+    while True:
+        end = min(begin + context, n_tokens)
+        spans.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == n_tokens:
+            return spans
+        begin += stride
+
+
+@torch.inference_mode()
+def score_windows(model, ids: torch.Tensor, context: int, stride: int, label: str = "perplexity") -> WindowScores:
+    """ids: 1-D token tensor. Returns per-window NLL sums and scored-token counts."""
+    spans = windows(len(ids), context, stride)
+    nll, count = np.zeros(len(spans)), np.zeros(len(spans), dtype=np.int64)
+    with progress() as bar:
+        task = bar.add_task(label, total=len(spans))
+        for w, (begin, end, first) in enumerate(spans):
+            chunk = ids[begin:end][None]
+            logits = model(chunk, use_cache=False).logits[0, first - begin - 1 : end - begin - 1].float()
+            targets = ids[first:end]
+            nll[w] = F.cross_entropy(logits, targets, reduction="sum").item()
+            count[w] = len(targets)
+            bar.advance(task)
+    return WindowScores(nll, count)
