@@ -1,0 +1,81 @@
+"""DeepSpeed set-up: distributed init (gloo on CPU, nccl on GPU), the ZeRO config, the optimizer."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from .recipe import Recipe
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "configs" / "deepspeed_zero.json"
+NEW_PARAM_MARKERS = ("_gate_",)
+
+
+def init_distributed() -> tuple[int, int]:
+    """Rank and world size; a plain `python run.py uptrain` becomes a world of one."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def use_bf16(recipe: Recipe) -> bool:
+    return recipe.precision == "bf16" or (recipe.precision == "auto" and torch.cuda.is_available())
+
+
+def ds_config(recipe: Recipe, world_size: int) -> dict:
+    config = json.loads(TEMPLATE.read_text())
+    config["train_micro_batch_size_per_gpu"] = recipe.micro_batch
+    config["gradient_accumulation_steps"] = recipe.grad_accum
+    config["train_batch_size"] = recipe.micro_batch * recipe.grad_accum * world_size
+    config["gradient_clipping"] = recipe.grad_clip
+    config["zero_optimization"]["stage"] = recipe.zero_stage
+    config["bf16"]["enabled"] = use_bf16(recipe)
+    if recipe.offload and recipe.zero_stage > 0:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    return config
+
+
+def is_new_param(name: str, config) -> bool:
+    """Parameters the conversion created or reshaped: gates, SkipV1 own-head v_proj, top layers' q/o."""
+    if any(marker in name for marker in NEW_PARAM_MARKERS):
+        return True
+    parts = name.split(".")
+    if "self_attn" not in parts or not hasattr(config, "layer_role"):
+        return False
+    role = config.layer_role(int(parts[parts.index("layers") + 1]))
+    proj = parts[parts.index("self_attn") + 1]
+    return (role in ("fused", "lite") and proj in ("q_proj", "o_proj")) or (role == "skipv1" and proj == "v_proj")
+
+
+def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
+    """AdamW with a cosine schedule; during warmup_new_params_steps only new parameters move (lr 0 elsewhere)."""
+    new, old = [], []
+    for name, p in model.named_parameters():
+        (new if is_new_param(name, model.config) else old).append(p)
+    groups = [{"params": g, "weight_decay": recipe.weight_decay} for g in (new, old) if g]
+    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas), weight_decay=recipe.weight_decay)
+
+    def cosine(step: int) -> float:
+        if step < recipe.warmup_steps:
+            return (step + 1) / recipe.warmup_steps
+        progress = (step - recipe.warmup_steps) / max(1, total_steps - recipe.warmup_steps)
+        return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def frozen_during_warmup(step: int) -> float:
+        return 0.0 if step < recipe.warmup_new_params_steps else cosine(step)
+
+    # With nothing new (the control arm) there is nothing to warm up alone.
+    lambdas = ([cosine] if new else []) + ([frozen_during_warmup if new else cosine] if old else [])
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -1,0 +1,39 @@
+"""The run's metrics: one JSON line per logged step, and a plot of loss and eval perplexity."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():  # drop lines past the resumed step: they will be recomputed identically
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line] if self.path.exists() else []
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_ppl" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([r["tokens"] for r in train], [r["loss"] for r in train])
+    left.set(xlabel="tokens", ylabel="train loss", title="training loss")
+    right.plot([r["tokens"] for r in evals], [r["eval_ppl"] for r in evals], marker="o")
+    right.set(xlabel="tokens", ylabel="eval perplexity", yscale="log", title="held-out perplexity")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
