@@ -1,4 +1,6 @@
 """One rich console and one progress-bar style for every long step."""
+import sys
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -9,7 +11,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+# Logs and CI are not terminals: give tables room instead of rich's 80-column default there.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 130)
 
 
 def progress(*extra_columns) -> Progress:

@@ -64,6 +64,9 @@ def load_causal_lm(path: str | Path | None, dtype=None, attn_implementation: str
         model = AutoModelForCausalLM.from_pretrained(root, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from err
+    if extra:  # GGUF weights are dequantized on load: forget the quantizer so the model saves as plain safetensors
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
     return model.eval()
 
 

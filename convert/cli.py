@@ -191,7 +191,11 @@ def write_extras(folder: Path, source: TensorSource, source_path: Path, cfg: Sha
 
 
 def main(args: argparse.Namespace) -> int:
-    opts = resolve_options(args)
+    return convert(resolve_options(args))
+
+
+def convert(opts: dict) -> int:
+    """Run one conversion from fully resolved options (DEFAULTS plus overrides)."""
     source_path = resolve_model_path(opts["source"])
     source = open_source(source_path)
     plan = build_plan(source, layout_config(source, opts), opts["skipv1_init"])

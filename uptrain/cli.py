@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=True))
-        fraction = f"{100 * budget.fraction_of_pretraining:.6f}% of pretraining compute" \
+        fraction = f"{100 * budget.fraction_of_pretraining:.3g}% of the source's pretraining compute" \
             if budget.fraction_of_pretraining is not None else "pretraining compute unknown"
         console.print(f"[bold]{'control arm: ' if recipe.control else ''}{model_path}[/] {params:,} params, "
                       f"{budget.steps} steps x {tokens_per_step:,} tokens = {budget.tokens:,} tokens, "

@@ -66,6 +66,19 @@ def held_out_texts(args: argparse.Namespace) -> list[tuple[str, str]]:
     return texts
 
 
+def tokenized_texts(texts: list[tuple[str, str]], args: argparse.Namespace, tokenizer=None) -> list:
+    """(name, 1-D token ids) per text, cut to --max-tokens; every model is scored on exactly these ids."""
+    tokenizer = tokenizer or load_tokenizer(resolve_model_path(args.source))
+    token_sets = []
+    for name, text in texts:
+        ids = torch.tensor(tokenizer(text)["input_ids"])
+        ids = ids[: args.max_tokens] if args.max_tokens else ids
+        if len(ids) < 2:
+            raise UserError(f"held-out text {name} has fewer than 2 tokens")
+        token_sets.append((name, ids))
+    return token_sets
+
+
 def evaluate_model(path, token_sets, args) -> dict:
     model = load_causal_lm(path, attn_implementation="sdpa")
     lengths = [int(x) for x in args.decode_lengths.split(",") if x]
@@ -93,13 +106,7 @@ def main(args: argparse.Namespace) -> int:
     for role in ("candidate", "control"):
         if role in tokenizers and not same_tokenizer(tokenizers["source"], tokenizers[role], texts[0][1][:4000]):
             raise UserError(f"the {role} tokenizer differs from the source's; perplexities would not be comparable")
-    token_sets = []
-    for name, text in texts:
-        ids = torch.tensor(tokenizers["source"](text)["input_ids"])
-        ids = ids[: args.max_tokens] if args.max_tokens else ids
-        if len(ids) < 2:
-            raise UserError(f"held-out text {name} has fewer than 2 tokens")
-        token_sets.append((name, ids))
+    token_sets = tokenized_texts(texts, args, tokenizers["source"])
 
     results = {role: evaluate_model(path, token_sets, args) for role, path in paths.items()}
     reference = "control" if args.control else "source"
