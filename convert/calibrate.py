@@ -103,8 +103,8 @@ def fit_skipv1(cfg: SharedKVConfig, kv: list, auto_heads: bool) -> CalibratedFit
     for i in range(1, cfg.num_hidden_layers):
         vi = kv[i][1]
         own = cfg.skipv1_own_heads[i]
-        # per-head error if this head were taken from layer 0
-        reuse_error = (v0 - vi).pow(2).sum((0, 2, 3)) / vi.pow(2).sum((0, 2, 3))
+        # per-head squared error if this head were taken from layer 0; the layer's error sums the reused ones
+        reuse_error = (v0 - vi).pow(2).sum((0, 2, 3))
         if auto_heads:
             own = sorted(reuse_error.argsort(descending=True)[: len(own)].tolist())
         heads.append(own)

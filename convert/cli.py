@@ -119,7 +119,7 @@ def fit(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tupl
     from common.sources import load_causal_lm
 
     ids = calibration_ids(source_path, opts)
-    source_model = load_causal_lm(source_path)
+    source_model = getattr(source, "model", None) or load_causal_lm(source_path)  # a GGUF source is already loaded
     if opts["init"] == "calibrated":
         from .calibrate import calibrate
 

@@ -90,8 +90,8 @@ class SafetensorsSource(TensorSource):
 class InMemorySource(TensorSource):
     """A state dict already in memory: a dequantized GGUF, or a model built here."""
 
-    def __init__(self, config, state: dict[str, torch.Tensor], files: list[Path]):
-        self.config, self._state, self.files = config, state, files
+    def __init__(self, config, state: dict[str, torch.Tensor], files: list[Path], model=None):
+        self.config, self._state, self.files, self.model = config, state, files, model
         self.shapes = {k: tuple(v.shape) for k, v in state.items()}
         self.dtypes = {k: v.dtype for k, v in state.items()}
 
@@ -142,7 +142,7 @@ def open_source(path: Path) -> TensorSource:
         from common.sources import load_causal_lm
 
         model = load_causal_lm(path)
-        return InMemorySource(model.config, {k: v.detach() for k, v in model.state_dict().items()}, [path])
+        return InMemorySource(model.config, {k: v.detach() for k, v in model.state_dict().items()}, [path], model)
     if path.is_file():
         if path.name in PICKLE_NAMES or path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
             raise UserError(f"{path} is a pickle checkpoint: {PICKLE_HINT}")

@@ -1,0 +1,287 @@
+"""convert: round trips, initializations, sharding, determinism, dry run and every bad input."""
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from models import SharedKVConfig
+
+IDS = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+
+
+def logits(path):
+    with torch.no_grad():
+        return load(path)(IDS).logits
+
+
+def all_tensors(folder):
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("layout", ["fusedkv", "fusedkv_lite", "skipv1"])
+def test_round_trip_loads_and_keeps_storage_layers(make_source, cli, tmp_path, family, layout):
+    src = make_source(family=family, tied=family != "qwen2")
+    out = tmp_path / "out"
+    assert cli("convert", "--source", src, "--layout", layout, "--out", out) == 0
+    model = load(out)
+    assert type(model).__name__ == "SharedKVForCausalLM" and model.config.kv_layout == layout
+    assert model.config.source_model_type == family
+    source_state, converted = all_tensors(src), all_tensors(out)
+    for key in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight",
+                "model.layers.3.mlp.down_proj.weight", "model.embed_tokens.weight"):
+        if layout != "skipv1" or "v_proj" not in key:
+            assert torch.equal(converted[key], source_state[key]), key
+    assert model(IDS).logits.shape == (2, 12, 49152)
+    manifest = json.loads((out / "conversion.json").read_text())
+    assert manifest["layout"] == layout and manifest["source"]["sha256"]
+    assert {m["target"] for m in manifest["mappings"]} == set(converted)
+
+
+def test_fusedkv_copy_init_equals_lite(make_source, cli, tmp_path):
+    src = make_source()
+    assert cli("convert", "--source", src, "--layout", "fusedkv", "--out", tmp_path / "f") == 0
+    assert cli("convert", "--source", src, "--layout", "fusedkv_lite", "--out", tmp_path / "l") == 0
+    torch.testing.assert_close(logits(tmp_path / "f"), logits(tmp_path / "l"), atol=1e-6, rtol=0)
+
+
+def test_skipv1_first_init_with_all_heads_own_gives_source_logits(make_source, cli, tmp_path):
+    src = make_source(kv_heads=2)
+    out = tmp_path / "out"
+    assert cli("convert", "--source", src, "--layout", "skipv1", "--skipv1-init", "first",
+               "--skipv1-own-heads", 2, "--out", out) == 0
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(src).eval()(IDS).logits
+    torch.testing.assert_close(logits(out), reference, atol=1e-5, rtol=0)
+
+
+def test_skipv1_mean_init_averages_each_own_head_with_its_partner(make_source, cli, tmp_path):
+    src = make_source(kv_heads=4)
+    out = tmp_path / "out"
+    assert cli("convert", "--source", src, "--layout", "skipv1", "--out", out) == 0
+    v_src = all_tensors(src)["model.layers.2.self_attn.v_proj.weight"].unflatten(0, (4, -1))
+    v_new = all_tensors(out)["model.layers.2.self_attn.v_proj.weight"].unflatten(0, (2, -1))
+    # own heads 0, 1 stand for reused heads 2, 3
+    torch.testing.assert_close(v_new[0], (v_src[0] + v_src[2]) / 2)
+    torch.testing.assert_close(v_new[1], (v_src[1] + v_src[3]) / 2)
+    assert torch.equal(all_tensors(out)["model.layers.0.self_attn.v_proj.weight"],
+                       all_tensors(src)["model.layers.0.self_attn.v_proj.weight"])
+
+
+def test_sharded_source_and_sharded_output(make_source, cli, tmp_path):
+    src = make_source(shard="200KB")
+    assert len(list(src.glob("*.safetensors"))) > 1
+    out = tmp_path / "out"
+    assert cli("convert", "--source", src, "--out", out, "--max-shard-size", "300KB") == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    assert load(out)(IDS).logits.isfinite().all()
+
+
+def test_reruns_are_byte_identical(make_source, cli, tmp_path):
+    src = make_source()
+    for name in ("a", "b"):
+        assert cli("convert", "--source", src, "--layout", "skipv1", "--out", tmp_path / name) == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_dry_run_writes_nothing(make_source, cli, tmp_path):
+    src = make_source()
+    assert cli("convert", "--source", src, "--out", tmp_path / "out", "--dry-run") == 0
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_yaml_plan_with_flag_override(make_source, cli, tmp_path):
+    src = make_source()
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"source: {src}\nlayout: skipv1\nout: {tmp_path / 'from-plan'}\n")
+    assert cli("convert", "--plan", plan, "--layout", "fusedkv_lite") == 0
+    assert load(tmp_path / "from-plan").config.kv_layout == "fusedkv_lite"
+
+
+def test_calibrated_gates_fit_better_than_copy(make_source, cli, tmp_path):
+    src = make_source(layers=4)
+    out = tmp_path / "cal"
+    assert cli("convert", "--source", src, "--init", "calibrated", "--out", out, "--calib-tokens", 256) == 0
+    fit = json.loads((out / "conversion.json").read_text())["fit"]
+    assert [f["layer"] for f in fit] == [2, 3]
+    assert all(f["error_after"] < f["error_before"] for f in fit)
+    gates = all_tensors(out)["model.layers.3.self_attn.key_gate_bottom"]
+    assert not torch.equal(gates, torch.zeros_like(gates))
+
+
+def test_calibrated_skipv1_auto_heads_reuse_the_most_similar_heads(make_source, cli, tmp_path):
+    src = make_source(kv_heads=4)
+    out = tmp_path / "auto"
+    assert cli("convert", "--source", src, "--layout", "skipv1", "--init", "calibrated", "--skipv1-heads", "auto",
+               "--out", out, "--calib-tokens", 256) == 0
+    fit = json.loads((out / "conversion.json").read_text())["fit"]
+    assert all(f["error_after"] <= f["error_before"] + 1e-9 for f in fit)
+    assert load(out).config.skipv1_own_heads[1:] == [f["own_heads"] for f in fit]
+
+
+def test_reconstruct_lowers_error_and_loss_and_is_deterministic(make_source, cli, tmp_path):
+    src = make_source(layers=4, hidden=32)
+    calib = ["--calib-tokens", 256, "--reconstruct-steps", 40]
+    assert cli("convert", "--source", src, "--out", tmp_path / "copy") == 0
+    for name in ("r1", "r2"):
+        assert cli("convert", "--source", src, "--init", "reconstruct", "--out", tmp_path / name, *calib) == 0
+    fit = json.loads((tmp_path / "r1" / "conversion.json").read_text())["fit"]
+    assert all(f["error_after"] < f["error_before"] for f in fit)
+    assert (tmp_path / "r1" / "model.safetensors").read_bytes() == (tmp_path / "r2" / "model.safetensors").read_bytes()
+    # A random tiny source has near-uniform loss; what reconstruct must do is bring the outputs back to the source's.
+    # On the calibration tokens, the converted model's outputs move back towards the source's
+    # (held-out perplexity on a real model is checked in test_convert_smollm2.py).
+    from common.sources import load_tokenizer
+    text = (Path(__file__).resolve().parent.parent / "convert" / "calib_sample.txt").read_text()
+    ids = torch.tensor(load_tokenizer(src)(text)["input_ids"][:256])[None]
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(src).eval()(ids).logits
+        distance = {n: (load(tmp_path / n)(ids).logits - reference).pow(2).mean().item() for n in ("copy", "r1")}
+    assert distance["r1"] < 0.5 * distance["copy"]
+
+
+def test_reconstruct_with_sharing_off_keeps_the_source_exactly(make_source, cli, tmp_path):
+    src = make_source(kv_heads=2)
+    out = tmp_path / "off"
+    assert cli("convert", "--source", src, "--layout", "skipv1", "--skipv1-own-heads", 2, "--skipv1-init", "first",
+               "--init", "reconstruct", "--reconstruct-steps", 5, "--calib-tokens", 128, "--out", out) == 0
+    fit = json.loads((out / "conversion.json").read_text())["fit"]
+    assert max(f["error_after"] for f in fit) < 1e-10
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(src).eval()(IDS).logits
+    torch.testing.assert_close(logits(out), reference, atol=1e-5, rtol=0)
+
+
+# --- bad input: one line, exit 2, nothing written --------------------------------------------------
+
+def assert_refused(cli, tmp_path, capsys, *argv, message):
+    out = tmp_path / "refused"
+    assert cli("convert", *argv, "--out", out) == 2
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".refused")]
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_refuses_missing_config(make_source, cli, tmp_path, capsys):
+    src = make_source()
+    (src / "config.json").unlink()
+    assert_refused(cli, tmp_path, capsys, "--source", src, message="no config.json")
+
+
+def test_refuses_unsupported_architecture(make_source, cli, tmp_path, capsys):
+    src = make_source()
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert_refused(cli, tmp_path, capsys, "--source", src, message="supported: llama, mistral, qwen2")
+
+
+def test_refuses_single_layer_model(make_source, cli, tmp_path, capsys):
+    src = make_source(layers=1)
+    assert_refused(cli, tmp_path, capsys, "--source", src, message="at least 2 layers")
+
+
+def test_refuses_truncated_shard(make_source, cli, tmp_path, capsys):
+    src = make_source()
+    shard = src / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert_refused(cli, tmp_path, capsys, "--source", src, message="truncated or corrupt")
+
+
+def test_refuses_corrupt_header(make_source, cli, tmp_path, capsys):
+    src = make_source()
+    shard = src / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(struct.pack("<Q", 10**12) + data[8:])
+    assert_refused(cli, tmp_path, capsys, "--source", src, message="truncated or corrupt")
+
+
+def test_refuses_wrong_shape_and_missing_tensor(make_source, cli, tmp_path, capsys):
+    src = make_source()
+    state = load_file(src / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(state, src / "model.safetensors")
+    assert_refused(cli, tmp_path, capsys, "--source", src, message="has shape [3, 3]")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, src / "model.safetensors")
+    assert_refused(cli, tmp_path, capsys, "--source", src, message="is missing")
+
+
+def test_refuses_index_naming_a_missing_shard(make_source, cli, tmp_path, capsys):
+    src = make_source(shard="200KB")
+    victim = sorted(src.glob("model-*.safetensors"))[-1]
+    victim.unlink()
+    assert_refused(cli, tmp_path, capsys, "--source", src, message=f"names shard {victim.name}")
+
+
+def test_refuses_non_finite_weights_and_leaves_no_partial_folder(make_source, cli, tmp_path, capsys):
+    src = make_source()
+    state = load_file(src / "model.safetensors")
+    state["model.layers.3.mlp.up_proj.weight"][0, 0] = math.nan
+    save_file(state, src / "model.safetensors")
+    assert_refused(cli, tmp_path, capsys, "--source", src, message="NaN or infinite")
+
+
+def test_refuses_pickle_checkpoint(make_source, cli, tmp_path, capsys):
+    src = make_source()
+    for f in src.glob("*.safetensors"):
+        f.unlink()
+    (src / "pytorch_model.bin").write_bytes(b"not unpickled")
+    assert_refused(cli, tmp_path, capsys, "--source", src, message="pickle checkpoint")
+
+
+def test_refuses_unknown_layout_and_init(make_source, cli, tmp_path, capsys):
+    src = make_source()
+    assert cli("convert", "--source", src, "--layout", "mla", "--out", tmp_path / "x") == 2
+    assert_refused(cli, tmp_path, capsys, "--source", src, "--init", "magic", message="unknown init")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("layout: mla\n")
+    assert_refused(cli, tmp_path, capsys, "--source", src, "--plan", plan, message="unknown layout")
+
+
+def test_refuses_output_inside_input_and_existing_output(make_source, cli, tmp_path, capsys):
+    src = make_source()
+    assert cli("convert", "--source", src, "--out", src / "converted") == 2
+    assert not (src / "converted").exists()
+    out = tmp_path / "exists"
+    out.mkdir()
+    assert cli("convert", "--source", src, "--out", out) == 2
+    assert "--force" in capsys.readouterr().err
+    assert cli("convert", "--source", src, "--out", out, "--force") == 0
+
+
+def test_refuses_when_disk_is_too_small(make_source, cli, tmp_path, capsys, monkeypatch):
+    import convert.cli
+
+    src = make_source()
+    monkeypatch.setattr(convert.cli.shutil, "disk_usage", lambda p: type("u", (), {"free": 1000})())
+    assert_refused(cli, tmp_path, capsys, "--source", src, message="not enough disk space")
+
+
+def test_layout_config_keeps_every_source_field(make_source):
+    from transformers import AutoConfig
+
+    src = make_source(family="qwen2", tied=False)
+    source_cfg = AutoConfig.from_pretrained(src)
+    cfg = SharedKVConfig.from_source(source_cfg, "fusedkv")
+    assert cfg.qkv_bias and not cfg.attention_bias
+    assert cfg.max_window_layers == source_cfg.max_window_layers and cfg.rope_parameters == source_cfg.rope_parameters
