@@ -1,8 +1,9 @@
 """Strided sliding-window perplexity, kept per window so differences can be bootstrapped.
 
 Windows of ``context`` tokens move by ``stride``; in each window only the tokens not scored by
-an earlier window count (Hugging Face's perplexity guide), so every token after the first is
-scored exactly once, with up to ``context - stride`` tokens of left context.
+an earlier window count (Hugging Face's perplexity guide): with stride < context every token
+after the first is scored exactly once, with at least ``context - stride`` tokens of left context;
+with stride == context the windows do not overlap and each window's first token goes unscored.
 """
 from __future__ import annotations
 
