@@ -49,6 +49,19 @@ def run_folder(recipe: Recipe, model_path: Path) -> Path:
     return Path("runs") / f"uptrain-{name}{'-control' if recipe.control else ''}"
 
 
+def train_and_eval_sequences(recipe: Recipe, tokenizer):
+    """Packed training sequences and the held-out ones (eval_data, else the tail of data)."""
+    sequences = packed_sequences(recipe.data, tokenizer, recipe.seq_len)
+    if recipe.eval_data:
+        train_seqs, eval_seqs = sequences, packed_sequences(recipe.eval_data, tokenizer, recipe.seq_len, split="test")
+    else:
+        n_eval = max(1, int(len(sequences) * recipe.eval_fraction))
+        if n_eval >= len(sequences):
+            raise UserError(f"data {recipe.data} is too small to hold out an eval split; give eval_data")
+        train_seqs, eval_seqs = sequences[:-n_eval], sequences[-n_eval:]
+    return train_seqs, eval_seqs[: max(1, recipe.eval_tokens // recipe.seq_len)]
+
+
 def main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, args.set)
     if args.control:
@@ -73,15 +86,7 @@ def main(args: argparse.Namespace) -> int:
     if recipe.seq_len > model.config.max_position_embeddings:
         raise UserError(f"seq_len {recipe.seq_len} exceeds the model's context ({model.config.max_position_embeddings})")
     tokenizer = load_tokenizer(model_path)
-    sequences = packed_sequences(recipe.data, tokenizer, recipe.seq_len)
-    if recipe.eval_data:
-        train_seqs, eval_seqs = sequences, packed_sequences(recipe.eval_data, tokenizer, recipe.seq_len, split="test")
-    else:
-        n_eval = max(1, int(len(sequences) * recipe.eval_fraction))
-        if n_eval >= len(sequences):
-            raise UserError(f"data {recipe.data} is too small to hold out an eval split; give eval_data")
-        train_seqs, eval_seqs = sequences[:-n_eval], sequences[-n_eval:]
-    eval_seqs = eval_seqs[: max(1, recipe.eval_tokens // recipe.seq_len)]
+    train_seqs, eval_seqs = train_and_eval_sequences(recipe, tokenizer)
     teacher = load_causal_lm(source_path).eval() if recipe.loss != "lm" else None
 
     params = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,211 @@
+"""uptrain: DeepSpeed ZeRO on CPU (gloo), resume after kill -9, export, budget, control arm, bad recipes."""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from common.sources import default_wikitext, load_causal_lm, load_tokenizer
+from uptrain.cli import train_and_eval_sequences
+from uptrain.engine import optimizer_and_schedule
+from uptrain.recipe import load_recipe
+from uptrain.train import distill_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = dict(seq_len=32, micro_batch=4, budget={"steps": 6}, lr=3e-3, warmup_steps=1, eval_every=3, save_every=3,
+            eval_tokens=128, zero_stage=2)
+
+
+@pytest.fixture
+def converted(make_source, cli, tmp_path):
+    src = make_source()
+    out = tmp_path / "converted"
+    assert cli("convert", "--source", src, "--layout", "fusedkv", "--out", out) == 0
+    return out
+
+
+@pytest.fixture
+def train_text(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(default_wikitext("valid").read_text()[:40000])
+    return path
+
+
+@pytest.fixture
+def recipe(tmp_path, converted, train_text):
+    def write(name="run", **overrides):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**BASE, "model": str(converted), "data": str(train_text),
+                                        "out": str(tmp_path / name), **overrides}))
+        return path
+
+    return write
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir):
+    return [r["loss"] for r in metrics(run_dir)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv, rank=0, world=1, port=None):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port or free_port()), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *map(str, argv)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_loss_decreases_and_run_folder_is_complete(recipe, cli, tmp_path):
+    assert cli("uptrain", "--config", recipe(budget={"steps": 20}, eval_every=10)) == 0
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 20 and sum(curve[-3:]) < sum(curve[:3]) - 0.5
+    records = metrics(tmp_path / "run")
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(records[0])
+    assert [r["step"] for r in records if "eval_ppl" in r] == [10, 20]
+    assert records[-1]["tokens"] == 20 * 4 * 32
+    for name in ("metrics.png", "recipe.yaml", "final/config.json", "final/tokenizer.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step")) == \
+        ["step15", "step18"]  # rotated: only the last two kept
+
+
+def test_zero_stages_one_two_three_give_matching_losses(recipe, cli, tmp_path):
+    curves = {}
+    for stage in (1, 2, 3):
+        assert cli("uptrain", "--config", recipe(f"zero{stage}", zero_stage=stage, budget={"steps": 4})) == 0
+        curves[stage] = losses(tmp_path / f"zero{stage}")
+    for stage in (2, 3):
+        for a, b in zip(curves[1], curves[stage]):
+            assert math.isclose(a, b, rel_tol=1e-5), (stage, curves)
+
+
+def test_zero3_on_two_ranks_matches_one_rank(recipe, cli, tmp_path):
+    assert cli("uptrain", "--config", recipe("one", zero_stage=3, budget={"steps": 4})) == 0
+    two = recipe("two", zero_stage=3, micro_batch=2, budget={"steps": 4})
+    port = free_port()
+    procs = [launch(["uptrain", "--config", two], rank=r, world=2, port=port) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    for a, b in zip(losses(tmp_path / "one"), losses(tmp_path / "two")):
+        assert math.isclose(a, b, rel_tol=1e-4)
+
+
+def test_kill9_then_resume_gives_the_uninterrupted_curve(recipe, cli, tmp_path):
+    steps = {"budget": {"steps": 12}, "save_every": 3, "eval_every": 4}
+    assert cli("uptrain", "--config", recipe("straight", **steps)) == 0
+    killed = recipe("killed", **steps)
+    proc = launch(["uptrain", "--config", killed])
+    marker = tmp_path / "killed" / "checkpoints" / "step6"
+    deadline = time.time() + 240
+    while not (marker.is_dir() and (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step6"):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its step-6 checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists()
+    assert cli("uptrain", "--config", killed) == 2  # a run folder is never silently overwritten
+    assert cli("uptrain", "--config", killed, "--resume") == 0
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    for a, b in zip(straight, resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6
+        assert ("eval_ppl" in a) == ("eval_ppl" in b) and a.get("eval_ppl", 0) == pytest.approx(b.get("eval_ppl", 0), rel=1e-6)
+
+
+def test_export_reloads_with_the_trained_weights(recipe, cli, tmp_path):
+    path = recipe(budget={"steps": 5}, eval_every=5)
+    assert cli("uptrain", "--config", path) == 0
+    final = tmp_path / "run" / "final"
+    model = load_causal_lm(final)
+    assert type(model).__name__ == "SharedKVForCausalLM"
+    _, eval_seqs = train_and_eval_sequences(load_recipe(str(path)), load_tokenizer(final))
+    with torch.no_grad():
+        nll = [model(b, labels=b).loss.item() * (b.numel() - b.shape[0]) for b in eval_seqs.split(4)]
+    count = sum(b.numel() - b.shape[0] for b in eval_seqs.split(4))
+    assert math.exp(sum(nll) / count) == pytest.approx(metrics(tmp_path / "run")[-1]["eval_ppl"], rel=1e-5)
+
+
+def test_budget_in_tokens_stops_at_the_right_step(recipe, cli, tmp_path):
+    assert cli("uptrain", "--config", recipe(budget={"tokens": 1000})) == 0  # 128 tokens per step
+    assert metrics(tmp_path / "run")[-1]["step"] == math.ceil(1000 / 128)
+
+
+def test_budget_as_fraction_of_pretraining(recipe, cli, tmp_path, converted):
+    params = sum(p.numel() for p in load_causal_lm(converted).parameters())
+    budget = {"fraction_of_pretraining": 0.5, "pretraining_tokens": 640}
+    assert cli("uptrain", "--config", recipe(budget=budget, eval_every=100)) == 0
+    # source and candidate are the same model here (loss lm: no teacher), so 320 tokens = 3 steps of 128
+    assert params > 0 and metrics(tmp_path / "run")[-1]["step"] == math.ceil(0.5 * 640 / 128)
+
+
+def test_control_arm_trains_the_source_and_is_bit_reproducible(recipe, cli, tmp_path, converted):
+    for name in ("a", "b"):
+        assert cli("uptrain", "--config", recipe(name, budget={"steps": 4}), "--control") == 0
+    assert losses(tmp_path / "a-control") == losses(tmp_path / "b-control")
+    final = load_causal_lm(tmp_path / "a-control" / "final")
+    assert type(final).__name__ == "LlamaForCausalLM"  # the unconverted source, named by conversion.json
+
+
+def test_kd_loss_trains_towards_the_teacher(recipe, cli, tmp_path):
+    assert cli("uptrain", "--config", recipe(loss="kd", budget={"steps": 8}, lr=1e-3, eval_every=8)) == 0
+    curve = losses(tmp_path / "run")
+    assert curve[-1] < curve[0]
+    logits = torch.randn(2, 5, 11)
+    assert distill_loss(logits, logits, 2.0).abs().item() < 1e-6
+    assert distill_loss(logits, torch.randn(2, 5, 11), 2.0).item() > 0
+
+
+def test_warmup_trains_only_new_parameters_first(converted):
+    model = load_causal_lm(converted)
+    recipe = load_recipe(None, ["warmup_new_params_steps=3", "warmup_steps=1"])
+    optimizer, schedule = optimizer_and_schedule(model, recipe, total_steps=10)
+    new, old = optimizer.param_groups
+    assert any(p is model.model.layers[3].self_attn.key_gate_bottom for p in new["params"])
+    assert any(p is model.model.embed_tokens.weight for p in old["params"])
+    for step in range(5):
+        lr_new, lr_old = schedule.get_last_lr()
+        assert lr_new > 0 and (lr_old == 0) == (step < 3)
+        optimizer.step()
+        schedule.step()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"learning_rate": 1.0}, "unknown recipe key 'learning_rate'"),
+    ({"model": "/nonexistent/model"}, "does not exist"),
+    ({"data": "/nonexistent/data.txt"}, "does not exist"),
+    ({"seq_len": 100000}, "exceeds the model's context"),
+    ({"budget": {"steps": 0}}, "must be a positive number"),
+    ({"budget": {"tokens": 10, "steps": 2}}, "exactly one of"),
+    ({"global_batch": 7}, "global_batch 7"),
+    ({"zero_stage": 4}, "zero_stage"),
+    ({"loss": "mse"}, "loss must be"),
+])
+def test_bad_recipes_fail_fast_with_exit_2(recipe, cli, tmp_path, capsys, overrides, message):
+    assert cli("uptrain", "--config", recipe(**overrides)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_empty_dataset_fails_fast(recipe, cli, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert cli("uptrain", "--config", recipe(data=str(empty))) == 2
+    assert "holds no text" in capsys.readouterr().err
