@@ -54,7 +54,11 @@ def load_causal_lm(path: str | Path | None, dtype=None, attn_implementation: str
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     import models  # noqa: F401  (registers the shared-KV layouts with the Auto classes)
+
+    hf_logging.disable_progress_bar()  # our own progress bars are enough; theirs clutter logs
 
     root, extra = _split(resolve_model_path(path))
     kwargs = dict(extra, dtype=dtype or torch.float32, trust_remote_code=True)

@@ -72,7 +72,8 @@ def write_shards(folder: Path, entries: list[tuple[str, tuple[int, ...]]], dtype
                 tensor = tensor.to(dtype).contiguous()
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     raise UserError(f"tensor {name} holds NaN or infinite values; the source is damaged")
-                fh.write(tensor.view(torch.uint8).numpy().tobytes() if nbytes else b"")
+                if nbytes:  # write straight from the tensor's buffer: no second copy in memory
+                    fh.write(tensor.view(torch.uint8).numpy().data)
                 on_tensor()
         total += offset
     if len(shards) > 1:

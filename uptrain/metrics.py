@@ -17,7 +17,11 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line] if self.path.exists() else []
+        return read_records(self.path)
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
@@ -34,6 +38,24 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     right.plot([r["tokens"] for r in evals], [r["eval_ppl"] for r in evals], marker="o")
     right.set(xlabel="tokens", ylabel="eval perplexity", yscale="log", title="held-out perplexity")
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_eval_curves(runs: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Eval perplexity against tokens for several runs on one axis: candidate and control side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, records in runs.items():
+        evals = [r for r in records if "eval_ppl" in r]
+        ax.plot([r["tokens"] for r in evals], [r["eval_ppl"] for r in evals], marker="o", label=name)
+    ax.set(xlabel="uptraining tokens", ylabel="held-out perplexity", yscale="log", title=title)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

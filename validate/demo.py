@@ -100,7 +100,20 @@ def main(args: argparse.Namespace) -> int:
         (report_dir / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
         rows.append((layout, report, exit_code, report_dir))
     print_summary(rows, args)
+    plot_quality_per_compute(out, layouts, args)
     return 0
+
+
+def plot_quality_per_compute(out: Path, layouts: list[str], args) -> None:
+    """Candidate and control eval perplexity at the same token counts: does the gap close?"""
+    from uptrain.metrics import plot_eval_curves, read_records
+
+    runs = {"control (source)": out / "runs" / "source-control"}
+    runs.update({layout: out / "runs" / f"{layout}-{args.init}" for layout in layouts})
+    curves = {name: read_records(run / "metrics.jsonl") for name, run in runs.items()}
+    path = out / "quality_per_compute.png"
+    plot_eval_curves(curves, path, "held-out perplexity (WikiText-2 validation tail) vs tokens")
+    console.print(f"quality per compute: {path}")
 
 
 def print_summary(rows, args) -> None:

@@ -1,0 +1,122 @@
+"""Conversion throughput against `cp` of the same bytes, and peak memory against the largest tensor.
+
+Builds a synthetic sharded Llama checkpoint (default ~2.7 GB fp32: 12 layers, hidden 2048), then
+times `cp -r` of it and `run.py convert` to FusedKV, each in a fresh process whose peak RSS is read
+from the kernel. The interpreter baseline is `run.py convert --dry-run` (same imports and plan, no
+tensor bytes read), so "peak over baseline" is what streaming the tensors costs.
+
+    python bench/convert_throughput.py            # writes bench/results/convert.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import machine_info  # noqa: E402
+
+
+def synthetic_checkpoint(folder: Path, layers: int, hidden: int, vocab: int, shard_bytes: int) -> dict:
+    """Random weights written shard by shard (never the whole model in memory); returns size facts."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
+                         num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=4,
+                         tie_word_embeddings=False)
+    config.save_pretrained(folder)
+    from convert.plan import expected_source_shapes
+    from models import SharedKVConfig
+
+    shapes = expected_source_shapes(SharedKVConfig.from_source(config, "fusedkv"))
+    shards, current, size = [], {}, 0
+    for name, shape in shapes.items():
+        current[name] = torch.randn(shape) * 0.02
+        size += current[name].numel() * 4
+        if size >= shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+    if current:
+        shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        total += sum(t.numel() * 4 for t in shard.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+    largest = max(torch.Size(s).numel() for s in shapes.values()) * 4
+    return {"bytes": total, "largest_tensor_bytes": largest, "tensors": len(shapes), "shards": len(shards)}
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of a child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak <= before:
+        raise RuntimeError("peak RSS of the child is hidden by an earlier, larger child; run the largest last")
+    return seconds, peak * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "convert.json"))
+    args = parser.parse_args(argv)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="convert-bench-"))
+    source = work / "source"
+    source.mkdir(parents=True, exist_ok=True)
+    facts = synthetic_checkpoint(source, args.layers, args.hidden, args.vocab, shard_bytes=500_000_000)
+    python = sys.executable
+    convert = [python, "run.py", "convert", "--source", str(source), "--layout", "fusedkv", "--max-shard-size", "1GB"]
+    # Children in increasing order of expected peak RSS: ru_maxrss of children is a running maximum.
+    cp_s, _ = timed(["cp", "-r", str(source), str(work / "copy")])
+    dry_s, baseline_rss = timed(convert + ["--out", str(work / "dry"), "--dry-run"])
+    subprocess.run(["sync"], check=False)
+    convert_s, peak_rss = timed(convert + ["--out", str(work / "converted")])
+    written = sum(p.stat().st_size for p in (work / "converted").glob("*.safetensors"))
+    result = {
+        "benchmark": "convert",
+        "machine": machine_info(),
+        "checkpoint": {**facts, "layers": args.layers, "hidden": args.hidden, "vocab": args.vocab},
+        "cp_seconds": cp_s,
+        "convert_seconds": convert_s,
+        "dry_run_seconds": dry_s,
+        "bytes_written": written,
+        "cp_gb_per_s": facts["bytes"] / cp_s / 1e9,
+        "convert_read_gb_per_s": facts["bytes"] / convert_s / 1e9,
+        "throughput_vs_cp": cp_s / convert_s,
+        "peak_rss_bytes": peak_rss,
+        "baseline_rss_bytes": baseline_rss,
+        "peak_over_baseline_vs_largest_tensor": (peak_rss - baseline_rss) / facts["largest_tensor_bytes"],
+        "targets": {"throughput_vs_cp": ">= 0.5", "peak_over_baseline_vs_largest_tensor": "<= 2"},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Step-0 perplexity of SmolLM2-135M converted to each layout with each initialization.
+
+Converts the embedded model with copy, calibrated and reconstruct (default settings), keeps the
+checkpoints under --workdir for bench/quality_per_compute.py, and scores every one on the same
+WikiText-2 test tokens. Writes bench/results/init_quality.json.
+
+    python bench/init_quality.py --layouts fusedkv,fusedkv_lite,skipv1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import machine_info  # noqa: E402
+from common.sources import default_wikitext, load_causal_lm, load_tokenizer  # noqa: E402
+from convert import cli as convert_cli  # noqa: E402
+from validate.perplexity import score_windows  # noqa: E402
+
+INITS = ("copy", "calibrated", "reconstruct")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layouts", default="fusedkv,fusedkv_lite,skipv1")
+    parser.add_argument("--inits", default=",".join(INITS))
+    parser.add_argument("--tokens", type=int, default=4096, help="WikiText-2 test tokens scored")
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "init_quality.json"))
+    args = parser.parse_args(argv)
+
+    ids = torch.tensor(load_tokenizer(None)(default_wikitext("test").read_text())["input_ids"][: args.tokens])
+    results = {"source": {"ppl": score_windows(load_causal_lm(None), ids, 512, 256, "source").perplexity}}
+    print(f"source: {results['source']['ppl']:.2f}", flush=True)
+    for layout in args.layouts.split(","):
+        for init in args.inits.split(","):
+            out = Path(args.workdir) / f"{layout}-{init}"
+            start = time.perf_counter()
+            if not (out / "config.json").exists():
+                convert_cli.convert({**convert_cli.DEFAULTS, "layout": layout, "init": init, "out": str(out), "force": True})
+            seconds = time.perf_counter() - start
+            ppl = score_windows(load_causal_lm(out), ids, 512, 256, f"{layout}-{init}").perplexity
+            results[f"{layout}-{init}"] = {"layout": layout, "init": init, "ppl": ppl, "convert_seconds": seconds,
+                                           "ppl_vs_source": ppl / results["source"]["ppl"], "checkpoint": str(out)}
+            print(f"{layout}-{init}: {ppl:.1f} ({seconds:.0f} s)", flush=True)
+    payload = {"benchmark": "init_quality", "machine": machine_info(), "settings": vars(args),
+               "held_out": f"WikiText-2 test, first {len(ids)} tokens, context 512 stride 256", "results": results}
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Held-out perplexity against uptraining tokens: each init (and lm vs kd) next to the control arm.
+
+Uptrains SmolLM2-135M checkpoints made by bench/init_quality.py with the demo recipe (WikiText-2
+validation, 1,024-token steps), and the unconverted source with the same recipe (the control),
+evaluating every `--eval-every` steps on the same held-out sequences. Writes
+bench/results/quality_per_compute.json and .png.
+
+    python bench/quality_per_compute.py --steps 30 --arms control,fusedkv-copy,fusedkv-reconstruct
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import machine_info  # noqa: E402
+from uptrain import cli as uptrain_cli  # noqa: E402
+from uptrain.metrics import plot_eval_curves, read_records  # noqa: E402
+
+RECIPE = ROOT / "configs" / "uptrain-demo-cpu.yaml"
+
+
+def run_arm(arm: str, workdir: Path, steps: int, eval_every: int) -> list[dict]:
+    """arm: 'control', '<layout>-<init>' or '<layout>-<init>-kd'."""
+    control = arm == "control"
+    name, loss = (arm[:-3], "kd") if arm.endswith("-kd") else (arm, "lm")
+    run = workdir / "runs" / ("source" if control else arm)
+    run_dir = run.with_name(run.name + "-control") if control else run
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [f"out={run}", f"budget={{steps: {steps}}}", f"eval_every={eval_every}", f"save_every={steps}",
+                 f"loss={loss}", "model=null" if control else f"model={workdir / name}"]
+    uptrain_cli.main(argparse.Namespace(config=str(RECIPE), set=overrides, resume=False, control=control))
+    return read_records(run_dir / "metrics.jsonl")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", default="control,fusedkv-copy,fusedkv-calibrated,fusedkv-reconstruct,fusedkv-copy-kd")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality_per_compute.json"))
+    args = parser.parse_args(argv)
+
+    curves = {arm: run_arm(arm, Path(args.workdir), args.steps, args.eval_every) for arm in args.arms.split(",")}
+    evals = {arm: [{"tokens": r["tokens"], "step": r["step"], "eval_ppl": r["eval_ppl"]} for r in records if "eval_ppl" in r]
+             for arm, records in curves.items()}
+    payload = {"benchmark": "quality_per_compute", "machine": machine_info(), "settings": vars(args),
+               "recipe": str(RECIPE.relative_to(ROOT)), "eval": evals}
+    out = Path(args.out)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    plot_eval_curves(curves, out.with_suffix(".png"), "SmolLM2-135M: held-out ppl vs uptraining tokens")
+    for arm, points in evals.items():
+        print(f"{arm:>24}: " + ", ".join(f"{p['step']}: {p['eval_ppl']:.1f}" for p in points))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Uptraining throughput and peak memory of each layout against the unconverted model.
+
+Each layout trains under the same DeepSpeed config (ZeRO-2, AdamW, the same batch of random
+tokens) in a fresh process, so peak RSS (CPU) or peak allocated memory (GPU) is its own. The model
+is a Llama built from a config (default: SmolLM2-135M's shape), so no weights travel.
+
+    python bench/uptrain_throughput.py                       # CPU, fp32
+    python bench/uptrain_throughput.py --device cuda         # GPU, bf16, with MFU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True)
+H100_BF16_PEAK_FLOPS = 989e12
+
+
+def one_layout(layout: str, args) -> dict:
+    import torch
+
+    from models import SharedKVConfig, SharedKVForCausalLM
+    from uptrain.engine import ds_config, init_distributed, optimizer_and_schedule
+    from uptrain.recipe import Recipe
+
+    _, world = init_distributed()
+    import deepspeed
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    source_config = LlamaConfig(**SMOLLM2_135M)
+    model = LlamaForCausalLM(source_config) if layout == "source" else \
+        SharedKVForCausalLM(SharedKVConfig.from_source(source_config, layout))
+    recipe = Recipe(micro_batch=args.micro_batch, seq_len=args.seq_len, zero_stage=2,
+                    precision="bf16" if args.device == "cuda" else "fp32", activation_checkpointing=False)
+    optimizer, schedule = optimizer_and_schedule(model, recipe, total_steps=args.steps + 2)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=ds_config(recipe, world))
+    batch = torch.randint(0, source_config.vocab_size, (args.micro_batch, args.seq_len), device=engine.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    for _ in range(2):  # warm-up
+        engine.backward(engine(batch, labels=batch).loss)
+        engine.step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        engine.backward(engine(batch, labels=batch).loss)
+        engine.step()
+    sync()
+    seconds = time.perf_counter() - start
+    params = sum(p.numel() for p in model.parameters())
+    tokens_per_s = args.steps * batch.numel() / seconds
+    result = {"layout": layout, "parameters": params, "tokens_per_s": tokens_per_s,
+              "flops_per_s": 6 * params * tokens_per_s}
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.device == "cuda":
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        result["mfu_vs_989_tflops"] = result["flops_per_s"] / H100_BF16_PEAK_FLOPS
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layouts", default="source,fusedkv,fusedkv_lite,skipv1")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run a single layout in this process
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        print(json.dumps(one_layout(args.one, args)))
+        return 0
+    from bench.machine import machine_info
+
+    results = {}
+    for layout in args.layouts.split(","):
+        cmd = [sys.executable, __file__, "--one", layout, "--device", args.device, "--steps", str(args.steps),
+               "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if proc.returncode != 0:
+            raise SystemExit(f"{layout} failed:\n{proc.stderr[-3000:]}")
+        results[layout] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{layout:>13}: {results[layout]['tokens_per_s']:.1f} tokens/s", flush=True)
+    base = results.get("source")
+    if base:
+        for res in results.values():
+            res["tokens_per_s_vs_source"] = res["tokens_per_s"] / base["tokens_per_s"]
+    out = Path(args.out or ROOT / "bench" / "results" / f"uptrain_{args.device}.json")
+    payload = {"benchmark": "uptrain_throughput", "machine": machine_info(), "settings": vars(args),
+               "model": "SmolLM2-135M shape, random init", "zero_stage": 2, "results": results}
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
