@@ -115,20 +115,24 @@ def in_memory_model(plan: Plan, source: TensorSource):
 
 
 def fit(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tuple[Plan, list[dict]]:
-    """Run the calibrated or reconstruct fit; returns the plan with fitted tensors and the per-layer report."""
+    """Calibrated fit, and for reconstruct the layer-wise training that starts from it.
+
+    Returns the plan with fitted tensors (and, with --skipv1-heads auto, the chosen heads) and the
+    per-layer report of the last fit."""
     from common.sources import load_causal_lm
+
+    from .calibrate import calibrate
 
     ids = calibration_ids(source_path, opts)
     source_model = getattr(source, "model", None) or load_causal_lm(source_path)  # a GGUF source is already loaded
+    auto_heads = opts["skipv1_heads"] == "auto"
+    calibrated = calibrate(source_model, plan.config, ids, auto_heads=auto_heads)
+    if calibrated.skipv1_own_heads is not None:
+        cfg = SharedKVConfig(**{**plan.config.to_dict(), "skipv1_own_heads": calibrated.skipv1_own_heads})
+        plan = build_plan(source, cfg, "first" if auto_heads else opts["skipv1_init"])
+    mark_fitted(plan, calibrated.tensors)
     if opts["init"] == "calibrated":
-        from .calibrate import calibrate
-
-        result = calibrate(source_model, plan.config, ids, auto_heads=opts["skipv1_heads"] == "auto")
-        if result.skipv1_own_heads is not None:
-            cfg = SharedKVConfig(**{**plan.config.to_dict(), "skipv1_own_heads": result.skipv1_own_heads})
-            plan = build_plan(source, cfg, opts["skipv1_init"] if opts["skipv1_heads"] != "auto" else "first")
-        mark_fitted(plan, result.tensors)
-        return plan, result.report
+        return plan, calibrated.report
 
     from .reconstruct import ReconstructOptions, fits_as_dicts, print_fit_table, reconstruct
 
@@ -137,8 +141,7 @@ def fit(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tupl
         steps=opts["reconstruct_steps"], lr=opts["reconstruct_lr"], mode=opts["reconstruct_mode"], seed=opts["seed"]))
     print_fit_table(fits)
     state = target.state_dict()
-    fitted_names = {m.target for m in plan.mappings if _is_fitted_param(plan.config, m.target)}
-    mark_fitted(plan, {k: state[k] for k in fitted_names})
+    mark_fitted(plan, {m.target: state[m.target] for m in plan.mappings if _is_fitted_param(plan.config, m.target)})
     return plan, fits_as_dicts(fits)
 
 

@@ -149,5 +149,6 @@ def mark_fitted(plan: Plan, tensors: dict[str, torch.Tensor]) -> None:
     for mapping in plan.mappings:
         if mapping.target in tensors:
             plan.fitted[mapping.target] = tensors[mapping.target].detach().clone()
-            mapping.args = {**mapping.args, "initial_rule": mapping.rule}
-            mapping.rule = "fitted"
+            if mapping.rule != "fitted":  # a second fit (reconstruct after calibrated) keeps the first rule
+                mapping.args = {**mapping.args, "initial_rule": mapping.rule}
+                mapping.rule = "fitted"
