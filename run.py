@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from common.errors import UserError
 
     argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK in the environment says the same.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     try:
