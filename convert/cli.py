@@ -15,7 +15,7 @@ import yaml
 
 from common.console import console, progress
 from common.errors import UserError
-from common.sources import is_gguf, load_tokenizer, resolve_model_path
+from common.sources import default_wikitext, is_gguf, load_tokenizer, resolve_model_path
 from models import AUTO_MAP, LAYOUTS, SharedKVConfig, write_model_code
 
 from .plan import Plan, build_plan, mark_fitted, materialize
@@ -32,7 +32,6 @@ DEFAULTS = {
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-CALIB_SAMPLE = Path(__file__).resolve().parent / "calib_sample.txt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skipv1-own-heads", type=int, help="own value heads per SkipV1 layer (default kv_heads // 2)")
     parser.add_argument("--skipv1-heads", choices=("first", "auto"), help="which heads are own: the first ones, or chosen by calibration")
     parser.add_argument("--storage-layers", type=int, help="FusedKV layers that store K/V (default ceil(L/2))")
-    parser.add_argument("--calib-text", help="calibration text for calibrated/reconstruct (default: built-in sample)")
+    parser.add_argument("--calib-text", help="calibration text for calibrated/reconstruct (default: shipped WikiText-2 valid)")
     parser.add_argument("--calib-tokens", type=int, help="calibration tokens (default 2048)")
     parser.add_argument("--reconstruct-steps", type=int, help="Adam steps per layer for reconstruct (default 150)")
     parser.add_argument("--reconstruct-lr", type=float, help="Adam learning rate for reconstruct (default 1e-2)")
@@ -94,10 +93,11 @@ def layout_config(source: TensorSource, opts: dict) -> SharedKVConfig:
 
 
 def calibration_ids(source_path: Path, opts: dict) -> torch.Tensor:
-    path = Path(opts["calib_text"]) if opts["calib_text"] else CALIB_SAMPLE
+    path = Path(opts["calib_text"]) if opts["calib_text"] else default_wikitext("valid")
     if not path.is_file():
         raise UserError(f"calibration text {path} does not exist")
-    ids = load_tokenizer(source_path)(path.read_text(encoding="utf-8"))["input_ids"]
+    text = path.read_text(encoding="utf-8")[: opts["calib_tokens"] * 16]  # plenty of characters, not a whole corpus
+    ids = load_tokenizer(source_path)(text)["input_ids"]
     n = min(opts["calib_tokens"], len(ids))
     if n < 64:
         raise UserError(f"calibration text {path} has only {len(ids)} tokens; give at least 64")

@@ -149,8 +149,8 @@ def test_reconstruct_lowers_error_and_loss_and_is_deterministic(make_source, cli
     # A random tiny source has near-uniform loss; what reconstruct must do is bring the outputs back to the source's.
     # On the calibration tokens, the converted model's outputs move back towards the source's
     # (held-out perplexity on a real model is checked in test_convert_smollm2.py).
-    from common.sources import load_tokenizer
-    text = (Path(__file__).resolve().parent.parent / "convert" / "calib_sample.txt").read_text()
+    from common.sources import default_wikitext, load_tokenizer
+    text = default_wikitext("valid").read_text()[:20000]
     ids = torch.tensor(load_tokenizer(src)(text)["input_ids"][:256])[None]
     with torch.no_grad():
         reference = AutoModelForCausalLM.from_pretrained(src).eval()(ids).logits
