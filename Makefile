@@ -4,7 +4,7 @@ PY := .venv/bin/python
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := .venv/.installed-$(shell cat requirements.txt | md5sum | cut -c1-8)
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test bench-cpu bench-quality clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,17 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# Throughput and memory on this machine (about 10 minutes on 2 cores): JSON in bench/results/.
+bench-cpu: venv
+	$(PY) bench/convert_throughput.py
+	$(PY) bench/uptrain_throughput.py
+	$(PY) bench/decode.py
+
+# Quality per compute on SmolLM2-135M (about 45 minutes on 2 cores).
+bench-quality: venv
+	$(PY) bench/init_quality.py
+	$(PY) bench/quality_per_compute.py --steps 40 --eval-every 10 --arms control,fusedkv-copy,fusedkv-reconstruct,fusedkv-copy-kd
 
 clean:
 	rm -rf .venv .pytest_cache runs
