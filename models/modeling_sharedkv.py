@@ -1,4 +1,4 @@
-"""Llama-family decoders with cross-layer KV sharing: FusedKV, FusedKV-Lite, SkipV1Former.
+"""Llama-family decoders with cross-layer KV sharing: FusedKV, FusedKV-Lite, SkipV1Former, CommonKV.
 
 Every piece that does not touch K/V (embeddings, norms, MLP, rotary) is Llama's. Attention is
 one small class per layer role; ``ATTENTION_CLASSES`` maps the config's ``layer_role`` to it.
@@ -9,6 +9,7 @@ the idiom of transformers' shared-KV models (Gemma-3n): it is the same code path
 without a cache, so incremental decoding equals a full forward by construction. Reusing
 layers hold a ``DummyLayer`` in the cache (see ``SharedKVConfig.kv_sharing_modes``), and
 SkipV1 layers cache only their own value heads, so the cache really holds only what is stored.
+CommonKV caches one pre-RoPE latent per group of layers (see ``CommonKVAttention``).
 
 This file is copied into every converted checkpoint, so it imports only torch and transformers.
 """
@@ -40,7 +41,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_sharedkv import SharedKVConfig
 
-SharedKV = dict[int, tuple[torch.Tensor, torch.Tensor]]
+SharedKV = dict[int, tuple[torch.Tensor, torch.Tensor | None]]  # CommonKV publishes (latent, None)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -81,8 +82,9 @@ class SharedKVAttention(nn.Module):
         shared_kv: SharedKV | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cos, sin = position_embeddings
-        query_states = rope(self.project(self.q_proj, hidden_states), cos, sin)
+        cos, sin = position_embeddings  # CommonKV gets every key position: the queries are the last ones
+        q_len = hidden_states.shape[1]
+        query_states = rope(self.project(self.q_proj, hidden_states), cos[:, -q_len:], sin[:, -q_len:])
         key_states, value_states = self.keys_values(hidden_states, cos, sin, past_key_values, shared_kv)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -184,11 +186,54 @@ class SkipV1Attention(SharedKVAttention):
         return key_states, value_states[:, self.head_order]
 
 
+class CommonKVAttention(SharedKVAttention):
+    """CommonKV: the layers of a group rebuild K and V from one shared, cached latent.
+
+    The group's first layer (its anchor) projects its input to the latent with ``kv_down``
+    (rank r = ``commonkv_ranks[group]``); the cache holds only that latent, before RoPE, as one
+    (batch, 1, tokens, r) "key" tensor with an empty value tensor, and the other layers of the
+    group hold a ``DummyLayer``. Every layer maps the latent back with its own ``kv_up``
+    (r -> K and V, the source's q/k/v bias as its bias), then applies RoPE to the keys at
+    attention time, for every cached position: a latent cannot be rotated, since RoPE does not
+    commute with the up-projection. Positions are cache indices; the model passes rotary tables
+    for all of them and the queries use the last ones.
+
+    The factors come from the paper's SVD (``convert/commonkv.py``): the group's k/v weights
+    stacked, W = U S Vt, ``kv_down`` = Vt[:r] and ``kv_up`` of layer l = its rows of U S[:, :r].
+    The paper merges the group's per-layer latents (mean) after prefill, which a forward pass
+    cannot reproduce: layer l would need the latents of layers above it for the same token. Here
+    the anchor's latent is the group's merged latent, so incremental decoding equals a full
+    forward; adjacent layers' hidden states are similar (the paper's observation), so the other
+    layers' own latents are close to it.
+    """
+
+    def __init__(self, config: SharedKVConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        group = config.commonkv_group(layer_idx)
+        self.anchor = config.commonkv_groups[group][0]
+        rank, kv_width = config.commonkv_ranks[group], self.num_kv_heads * self.head_dim
+        if layer_idx == self.anchor:
+            self.kv_down = nn.Linear(config.hidden_size, rank, bias=False)
+        self.kv_up = nn.Linear(rank, 2 * kv_width, bias=config.qkv_bias)
+
+    def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv):
+        if self.layer_idx == self.anchor:
+            latent = self.kv_down(hidden_states)[:, None]
+            if past_key_values is not None:
+                latent, _ = past_key_values.update(latent, latent[..., :0], self.layer_idx)
+            shared_kv[self.layer_idx] = (latent, None)
+        latent = shared_kv[self.anchor][0][:, 0]
+        # (batch, tokens, 2 * kv_width) -> two (batch, kv_heads, tokens, head_dim)
+        key_states, value_states = self.kv_up(latent).unflatten(-1, (2, self.num_kv_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        return rope(key_states, cos, sin), value_states
+
+
 ATTENTION_CLASSES: dict[str, type[SharedKVAttention]] = {
     "store": StorageAttention,
     "fused": FusedAttention,
     "lite": LiteAttention,
     "skipv1": SkipV1Attention,
+    "commonkv": CommonKVAttention,
 }
 
 
@@ -252,8 +297,9 @@ class SharedKVModel(SharedKVPreTrainedModel, LlamaModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        commonkv = self.config.kv_layout == "commonkv"
+        if position_ids is None or commonkv:  # CommonKV rotates keys by cache index (CommonKVAttention)
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
 
         causal_mask = create_causal_mask(
@@ -264,7 +310,8 @@ class SharedKVModel(SharedKVPreTrainedModel, LlamaModel):
             position_ids=position_ids,
         )
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        rotary_positions = torch.arange(past_seen + position_ids.shape[1], device=position_ids.device)[None] if commonkv else position_ids
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=rotary_positions)
         shared_kv: SharedKV = {}  # filled bottom-up by the storing layers of this forward pass
         for decoder_layer in self.layers:
             hidden_states = decoder_layer(

@@ -12,7 +12,7 @@ import torch
 from .recipe import Recipe
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "configs" / "deepspeed_zero.json"
-NEW_PARAM_MARKERS = ("_gate_",)
+NEW_PARAM_MARKERS = ("_gate_", ".kv_down.", ".kv_up.")  # FusedKV gates, CommonKV factors
 
 
 def init_distributed() -> tuple[int, int]:
@@ -48,7 +48,7 @@ def ds_config(recipe: Recipe, world_size: int) -> dict:
 
 
 def is_new_param(name: str, config) -> bool:
-    """Parameters the conversion created or reshaped: gates, SkipV1 own-head v_proj, top layers' q/o."""
+    """Parameters the conversion created or reshaped: gates, CommonKV factors, SkipV1 own-head v_proj, top layers' q/o."""
     if any(marker in name for marker in NEW_PARAM_MARKERS):
         return True
     parts = name.split(".")

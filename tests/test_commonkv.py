@@ -1,0 +1,145 @@
+"""CommonKV: exact at full rank, a cache of latents only, generate == full forward, adaptive budget, convert CLI."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from convert.commonkv import adaptive_ranks, group_factors, group_similarity
+from models import SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes
+from tests.test_models import VOCAB, incremental_logits, random_source
+
+IDS = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(0))
+
+
+def commonkv_model(source, **layout_kwargs):
+    """The source converted in memory: the paper's SVD factors, every other weight as it is."""
+    cfg = SharedKVConfig.from_source(source.config, "commonkv", **layout_kwargs)
+    model = SharedKVForCausalLM(cfg).eval()
+    state = source.state_dict()
+    for group in range(len(cfg.commonkv_groups)):
+        state.update(group_factors(state.__getitem__, cfg, group))
+    result = model.load_state_dict(state, strict=False)
+    assert not result.missing_keys
+    return model
+
+
+def norms_away_from_one(source):
+    """Input-norm weights that differ per layer and channel, so folding them into the factors matters."""
+    with torch.no_grad():
+        for layer in source.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+    return source
+
+
+@pytest.mark.parametrize("family,kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2)])  # MHA, GQA, qkv bias
+def test_full_rank_equals_source_logits(family, kv_heads):
+    source = norms_away_from_one(random_source(family, kv_heads=kv_heads))
+    model = commonkv_model(source, commonkv_ratio=1.0)
+    assert model.config.commonkv_group_size == 1
+    torch.testing.assert_close(model(IDS).logits, source(IDS).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("ratio,group_size", [(0.25, 4), (0.3, 3), (0.5, 2), (0.75, 1), (1.0, 1)])
+def test_measured_cache_bytes_equal_arithmetic(ratio, group_size):
+    source = random_source(layers=6, kv_heads=1)  # caps (hidden 64) never bind: ranks add up to the ratio
+    model = commonkv_model(source, commonkv_ratio=ratio)
+    cfg = model.config
+    assert cfg.commonkv_group_size == group_size and cfg.kv_sharing_modes.count(None) == len(cfg.commonkv_groups)
+    batch, tokens = 3, 11
+    _, cache = incremental_logits(model, torch.randint(0, VOCAB, (batch, tokens)), prefix=5)
+    per_token = cfg.kv_cache_bytes_per_token(4)
+    assert kv_cache_bytes(cache) == per_token * batch * tokens
+    source_per_token = 2 * 6 * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert per_token == round(ratio * source_per_token / 4) * 4
+    assert all(layer.values is None or layer.values.numel() == 0 for layer in cache.layers)  # latents only
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_incremental_decoding_and_generate_equal_full_forward(ratio):
+    model = commonkv_model(random_source(layers=5, kv_heads=2), commonkv_ratio=ratio)
+    full = model(IDS).logits
+    inc, _ = incremental_logits(model, IDS, prefix=6)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
+
+    prompt = IDS[:1, :6]
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)
+    greedy = prompt
+    for _ in range(6):  # the same tokens from full forwards without a cache
+        greedy = torch.cat([greedy, model(greedy).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, greedy)
+
+
+def test_left_padded_batch_generates_like_single_sequences():
+    model = commonkv_model(random_source(kv_heads=2), commonkv_ratio=0.5)
+    prompts = [torch.randint(1, VOCAB, (n,)) for n in (7, 4)]
+    ids, mask = torch.zeros(2, 7, dtype=torch.long), torch.zeros(2, 7, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, 7 - len(p):], mask[row, 7 - len(p):] = p, 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    for row, p in enumerate(prompts):
+        single = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=5,
+                                do_sample=False, pad_token_id=0)
+        assert torch.equal(batched[row, 7:], single[0, len(p):])
+
+
+def test_gradients_reach_the_factors():
+    model = commonkv_model(random_source(kv_heads=2), commonkv_ratio=0.5).train()
+    model(IDS, labels=IDS).loss.backward()
+    factors = {n: p.grad for n, p in model.named_parameters() if ".kv_down." in n or ".kv_up." in n}
+    assert len(factors) == 2 + 4 and all(g is not None and g.abs().sum() > 0 for g in factors.values())
+
+
+def test_adaptive_budget_gives_more_rank_to_the_less_similar_group():
+    source = random_source(kv_heads=1)  # budget 64 of caps 2 x 64: room to move rank between the groups
+    with torch.no_grad():  # layer 0 adds nothing to the residual stream: group 0's layers see the same input
+        source.model.layers[0].self_attn.o_proj.weight.zero_()
+        source.model.layers[0].mlp.down_proj.weight.zero_()
+        source.model.layers[2].mlp.down_proj.weight.normal_(0, 5.0)  # ... and layer 2 changes it a lot
+    cfg = SharedKVConfig.from_source(source.config, "commonkv", commonkv_ratio=0.5)
+    similarity = group_similarity(source, cfg, IDS)
+    assert similarity[0] == pytest.approx(1.0, abs=1e-5) and similarity[1] < 0.9
+    ranks = adaptive_ranks(cfg, similarity)
+    assert ranks[1] > ranks[0] and sum(ranks) == sum(cfg.commonkv_ranks) == cfg.commonkv_budget
+    assert cfg.commonkv_ranks[0] == cfg.commonkv_ranks[1]  # uniform without calibration
+
+
+# --- run.py convert ------------------------------------------------------------------------------
+
+def test_convert_cli_end_to_end(make_source, cli, tmp_path):
+    src = make_source(family="qwen2", tied=False)
+    out = tmp_path / "ckv"
+    assert cli("convert", "--source", src, "--layout", "commonkv", "--ratio", "0.5", "--calib-tokens", 128,
+               "--out", out) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert model.config.kv_layout == "commonkv" and (out / "modeling_sharedkv.py").is_file()
+    manifest = json.loads((out / "conversion.json").read_text())
+    kv = manifest["kv_cache_bytes_per_token"]
+    assert kv["converted"] * 2 == kv["source"]
+    assert {m["rule"] for m in manifest["mappings"]} == {"copy", "svd"}
+    assert [row["rank"] for row in manifest["fit"]] == model.config.commonkv_ranks
+    assert "model.layers.1.self_attn.k_proj.weight" in manifest["dropped"] or not manifest["dropped"]
+    ids = torch.randint(0, 49152, (1, 10))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_convert_cli_ratio_one_is_exact(make_source, cli, tmp_path):
+    src = make_source(family="llama", kv_heads=2)
+    out = tmp_path / "full"
+    assert cli("convert", "--source", src, "--layout", "commonkv", "--ratio", "1", "--commonkv-budget", "uniform",
+               "--out", out) == 0
+    ids = torch.randint(0, 49152, (2, 9))
+    with torch.no_grad():
+        converted = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()(ids).logits
+        original = AutoModelForCausalLM.from_pretrained(src).eval()(ids).logits
+    torch.testing.assert_close(converted, original, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("argv", [("--ratio", "0"), ("--ratio", "1.5"), ("--ratio", "-0.2"), ("--ratio", "half"),
+                                  ("--init", "calibrated")])
+def test_bad_commonkv_options_exit_2_and_write_nothing(make_source, cli, tmp_path, argv):
+    src = make_source()
+    out = tmp_path / "bad"
+    assert cli("convert", "--source", src, "--layout", "commonkv", *argv, "--out", out) == 2
+    assert not out.exists() and not list(tmp_path.glob(".bad*"))
