@@ -29,6 +29,7 @@ DEFAULTS = {
     "skipv1_own_heads": None, "skipv1_heads": "first", "storage_layers": None, "calib_text": None,
     "calib_tokens": 2048, "reconstruct_steps": 150, "reconstruct_lr": 1e-2, "reconstruct_mode": "sequential",
     "seed": 0, "dtype": None, "max_shard_size": "5GB", "dry_run": False, "force": False,
+    "ratio": 0.5, "commonkv_group_size": None, "commonkv_budget": "adaptive",
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -38,13 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", help="YAML file with any of the options below (flags override it)")
     parser.add_argument("--source", help="HF folder of safetensors, or a .gguf file (default: embedded SmolLM2-135M)")
     parser.add_argument("--layout", choices=LAYOUTS, help="target layout (default fusedkv)")
-    parser.add_argument("--out", help="output folder (default checkpoints/<source>-<layout>-<init>)")
+    parser.add_argument("--out", help="output folder (default checkpoints/<source>-<layout>-<init>; CommonKV: -r<ratio>)")
     parser.add_argument("--init", help=f"initialization: {', '.join(INITS)} (default copy)")
     parser.add_argument("--skipv1-init", choices=("mean", "first"), help="own value heads: mean with partner (default) or as they are")
     parser.add_argument("--skipv1-own-heads", type=int, help="own value heads per SkipV1 layer (default kv_heads // 2)")
     parser.add_argument("--skipv1-heads", choices=("first", "auto"), help="which heads are own: the first ones, or chosen by calibration")
     parser.add_argument("--storage-layers", type=int, help="FusedKV layers that store K/V (default ceil(L/2))")
-    parser.add_argument("--calib-text", help="calibration text for calibrated/reconstruct (default: shipped WikiText-2 valid)")
+    parser.add_argument("--ratio", type=float, help="CommonKV: cached bytes / source cached bytes, in (0, 1] (default 0.5)")
+    parser.add_argument("--commonkv-group-size", type=int, help="CommonKV: adjacent layers per shared latent (default floor(1/ratio))")
+    parser.add_argument("--commonkv-budget", choices=("adaptive", "uniform"),
+                        help="CommonKV: ranks from hidden-state similarity on calibration text (default) or equal per layer")
+    parser.add_argument("--calib-text", help="calibration text for calibrated/reconstruct/CommonKV (default: shipped WikiText-2 valid)")
     parser.add_argument("--calib-tokens", type=int, help="calibration tokens (default 2048)")
     parser.add_argument("--reconstruct-steps", type=int, help="Adam steps per layer for reconstruct (default 150)")
     parser.add_argument("--reconstruct-lr", type=float, help="Adam learning rate for reconstruct (default 1e-2)")
@@ -72,6 +77,15 @@ def resolve_options(args: argparse.Namespace) -> dict:
         raise UserError(f"unknown layout {opts['layout']!r}; choose one of {', '.join(LAYOUTS)}")
     if opts["init"] not in INITS:
         raise UserError(f"unknown init {opts['init']!r}; choose one of {', '.join(INITS)}")
+    try:
+        opts["ratio"] = float(opts["ratio"])
+    except (TypeError, ValueError) as err:
+        raise UserError(f"ratio must be a number in (0, 1], got {opts['ratio']!r}") from err
+    if not 0 < opts["ratio"] <= 1:
+        raise UserError(f"--ratio is the cached bytes kept, a fraction in (0, 1]; got {opts['ratio']:g}")
+    if opts["layout"] == "commonkv" and opts["init"] != "copy":
+        raise UserError("commonkv is training-free (SVD of the source weights): use --init copy; "
+                        "calibrated and reconstruct are not implemented for it")
     return opts
 
 
@@ -86,6 +100,8 @@ def layout_config(source: TensorSource, opts: dict) -> SharedKVConfig:
         if not 0 <= r <= kv:
             raise UserError(f"--skipv1-own-heads must be in 0..{kv}, got {r}")
         kwargs["skipv1_own_heads"] = [list(range(kv))] + [list(range(r))] * (cfg.num_hidden_layers - 1)
+    if opts["layout"] == "commonkv":
+        kwargs.update(commonkv_ratio=opts["ratio"], commonkv_group_size=opts["commonkv_group_size"])
     try:
         return SharedKVConfig.from_source(cfg, opts["layout"], **kwargs)
     except ValueError as err:
@@ -145,6 +161,23 @@ def fit(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tupl
     return plan, fits_as_dicts(fits)
 
 
+def commonkv_budget(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tuple[Plan, list[dict]]:
+    """CommonKV ranks per group from the source's hidden-state similarity on calibration text."""
+    from common.sources import load_causal_lm
+
+    from .commonkv import adaptive_ranks, budget_table, group_similarity
+
+    ids = calibration_ids(source_path, opts)
+    source_model = getattr(source, "model", None) or load_causal_lm(source_path)  # a GGUF source is already loaded
+    similarity = group_similarity(source_model, plan.config, ids)
+    ranks = adaptive_ranks(plan.config, similarity)
+    report = [{"group": g, "layers": layers, "similarity": s, "rank_uniform": u, "rank": r} for g, (layers, s, u, r)
+              in enumerate(zip(plan.config.commonkv_groups, similarity, plan.config.commonkv_ranks, ranks))]
+    budget_table(report)
+    cfg = SharedKVConfig(**{**plan.config.to_dict(), "commonkv_ranks": ranks})
+    return build_plan(source, cfg), report
+
+
 def _is_fitted_param(cfg: SharedKVConfig, name: str) -> bool:
     from .reconstruct import FITTED_PARAMS
 
@@ -165,7 +198,8 @@ def output_dtype(source: TensorSource, opts: dict) -> torch.dtype:
 
 def default_out(source_path: Path, opts: dict) -> Path:
     stem = source_path.stem if is_gguf(source_path) else source_path.name
-    return Path("checkpoints") / f"{stem}-{opts['layout']}-{opts['init']}"
+    variant = f"r{opts['ratio']:g}" if opts["layout"] == "commonkv" else opts["init"]
+    return Path("checkpoints") / f"{stem}-{opts['layout']}-{variant}"
 
 
 def check_output(out: Path, source_path: Path, nbytes: int) -> None:
@@ -214,6 +248,8 @@ def convert(opts: dict) -> int:
     fit_report = []
     if opts["init"] != "copy":
         plan, fit_report = fit(plan, source, source_path, opts)
+    if opts["layout"] == "commonkv" and opts["commonkv_budget"] == "adaptive":
+        plan, fit_report = commonkv_budget(plan, source, source_path, opts)
 
     by_name = {m.target: m for m in plan.mappings}
     with atomic_folder(out, opts["force"]) as tmp, progress() as bar:

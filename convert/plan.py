@@ -7,6 +7,8 @@ writer executes it, and ``conversion.json`` saves it. Rules:
 * ``fill``       a new tensor of a constant (FusedKV gates at their copy initialization)
 * ``heads``      SkipV1 own-head rows of v_proj: ``own`` heads, each averaged with its ``partner``
                  head (the reused head it stands for) when ``mean`` is set ("mean V" init)
+* ``svd``        CommonKV factors of one group's stacked k/v weights (``convert/commonkv.py``):
+                 the anchor's kv_down, each layer's kv_up and its bias (the k/v biases)
 * ``fitted``     computed by a calibrated or reconstruct fit (kept in memory until written)
 
 Source tensors that no target uses are listed as dropped.
@@ -20,6 +22,7 @@ import torch
 from common.errors import UserError
 from models import SharedKVConfig
 
+from . import commonkv
 from .source import TensorSource
 
 FUSED_GATE_INIT = {"key_gate_bottom": 0.0, "key_gate_middle": 1.0, "value_gate_bottom": 1.0, "value_gate_middle": 0.0}
@@ -43,6 +46,8 @@ class Plan:
     mappings: list[Mapping]
     dropped: list[str]
     fitted: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the factors of the CommonKV group last factored: the writer asks for a group's tensors in a row
+    svd_memo: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def param_count(self) -> int:
         return sum(_numel(m.shape) for m in self.mappings)
@@ -104,7 +109,7 @@ def build_plan(source: TensorSource, cfg: SharedKVConfig, skipv1_init: str = "me
         if len(parts) > 4 and parts[3] == "self_attn":
             layer, proj, kind = int(parts[2]), parts[4], parts[5]
             role = cfg.layer_role(layer)
-            if role in ("fused", "lite") and proj in ("k_proj", "v_proj"):
+            if role in ("fused", "lite", "commonkv") and proj in ("k_proj", "v_proj"):
                 continue  # top layers read other layers' K/V: these projections are dropped
             if role == "skipv1" and proj == "v_proj":
                 own = cfg.skipv1_own_heads[layer]
@@ -120,12 +125,18 @@ def build_plan(source: TensorSource, cfg: SharedKVConfig, skipv1_init: str = "me
                 width = cfg.head_dim // 2 if name.startswith("key") else cfg.head_dim
                 target = f"model.layers.{layer}.self_attn.{name}"
                 mappings.append(Mapping(target, "fill", (cfg.num_key_value_heads, width), None, {"value": value}))
+    if cfg.kv_layout == "commonkv":
+        for group in range(len(cfg.commonkv_groups)):
+            sources = commonkv.source_keys(cfg, group)
+            used.update(sources)
+            args = {"group": group, "rank": cfg.commonkv_ranks[group], "sources": sources}
+            mappings += [Mapping(target, "svd", shape, None, args) for target, shape in commonkv.target_shapes(cfg, group).items()]
     dropped = sorted(k for k in source.keys() if k not in used)
     return Plan(cfg, mappings, dropped)
 
 
 def materialize(plan: Plan, source: TensorSource, mapping: Mapping) -> torch.Tensor:
-    """Compute one target tensor from its rule (reads at most one source tensor)."""
+    """Compute one target tensor from its rule (reads one source tensor; svd reads its group's k/v)."""
     if mapping.target in plan.fitted:
         return plan.fitted[mapping.target]
     if mapping.rule == "copy":
@@ -141,6 +152,12 @@ def materialize(plan: Plan, source: TensorSource, mapping: Mapping) -> torch.Ten
             mixed = [(heads[o] + heads[p]) / 2 if p is not None else heads[o] for o, p in zip(mapping.args["own"], partners)]
             own = torch.stack(mixed) if mixed else own
         return own.flatten(0, 1)
+    if mapping.rule == "svd":
+        group = mapping.args["group"]
+        if group not in plan.svd_memo:
+            plan.svd_memo.clear()
+            plan.svd_memo[group] = commonkv.group_factors(source.get, plan.config, group)
+        return plan.svd_memo[group][mapping.target]
     raise ValueError(f"unknown rule {mapping.rule}")
 
 

@@ -36,6 +36,8 @@ def dry_run_table(plan: Plan, source: TensorSource, dtype: torch.dtype) -> None:
     summary.add_row("tensors kept (copy)", str(rules["copy"]))
     summary.add_row("tensors reshaped (heads)", str(rules["heads"]))
     summary.add_row("tensors new (fill)", str(rules["fill"]))
+    if rules["svd"]:
+        summary.add_row("tensors factored (svd; CommonKV ranks uniform until calibration)", str(rules["svd"]))
     summary.add_row("tensors dropped", str(len(plan.dropped)))
     summary.add_row("parameters", f"{before:,} -> {plan.param_count():,}")
     summary.add_row(f"KV cache bytes/token ({str(dtype).removeprefix('torch.')})",
