@@ -4,13 +4,15 @@
   sum (a*K_0 + b*K_m - K_i)^2 over every token and both members of the pair (so the tie that
   keeps attention relative holds), and each value feature's gates (c, d) likewise for V.
   These are 2x2 normal equations per gate pair, solved in one batched call.
-* SkipV1Former: an own head's v_proj rows that best reproduce that head's original values are
-  the original rows themselves (the least-squares optimum is exact), so the fit is in the choice
-  of heads: with ``heads="auto"`` each layer reuses the heads whose original values layer 0's
-  heads match best and computes the rest.
+* SkipV1Former: own head j's values are v_proj rows applied to the layer's input, the very
+  input the source's rows saw, so the least-squares fit of those rows to the original values has
+  zero residual at the original rows: the calibrated own heads are the source heads as they are
+  (no solve needed, no ridge bias). What calibration decides is which heads to reuse: with
+  ``heads="auto"`` each layer reuses the heads whose original values layer 0's heads match best
+  and computes the rest.
 
-Errors are relative squared errors of the layer's K and V against the source's, before (copy
-init) and after the fit.
+Errors are relative squared errors of the layer's K and V (SkipV1: V) against the source's,
+before (copy init, mean-V own heads included) and after the fit.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from torch import nn
 
 from models import SharedKVConfig
 from models.modeling_sharedkv import rope
+
+from .plan import skipv1_partners
 
 RIDGE = 1e-6
 
@@ -97,29 +101,39 @@ def fit_fusedkv(cfg: SharedKVConfig, kv: list) -> CalibratedFit:
     return CalibratedFit(tensors, None, report)
 
 
-def fit_skipv1(cfg: SharedKVConfig, kv: list, auto_heads: bool) -> CalibratedFit:
+def skipv1_value_error(v0: torch.Tensor, vi: torch.Tensor, own: list[int], partners: list[int | None] | None) -> float:
+    """Relative error of a SkipV1 layer's values: reused heads come from layer 0, own heads are
+    the source's (or, for mean-V, the mean of the own head and its partner's values)."""
+    approx = v0.clone()
+    for j, head in enumerate(own):
+        partner = partners[j] if partners else None
+        approx[:, head] = vi[:, head] if partner is None else (vi[:, head] + vi[:, partner]) / 2
+    return relative_error(approx, vi)
+
+
+def fit_skipv1(cfg: SharedKVConfig, kv: list, auto_heads: bool, mean_init: bool) -> CalibratedFit:
     v0 = kv[0][1]
     heads, report = [list(range(cfg.num_key_value_heads))], []
     for i in range(1, cfg.num_hidden_layers):
         vi = kv[i][1]
         own = cfg.skipv1_own_heads[i]
-        # per-head squared error if this head were taken from layer 0; the layer's error sums the reused ones
-        reuse_error = (v0 - vi).pow(2).sum((0, 2, 3))
-        if auto_heads:
+        partners = skipv1_partners(own, cfg.num_key_value_heads) if mean_init else None
+        before = skipv1_value_error(v0, vi, own, partners)
+        if auto_heads:  # own = the heads layer 0 would replace worst
+            reuse_error = (v0 - vi).pow(2).sum((0, 2, 3))
             own = sorted(reuse_error.argsort(descending=True)[: len(own)].tolist())
         heads.append(own)
-        def layer_error(own_heads: list[int]) -> float:
-            reused = [h for h in range(cfg.num_key_value_heads) if h not in own_heads]
-            return (v0[:, reused] - vi[:, reused]).pow(2).sum().item() / vi.pow(2).sum().item()
-        report.append({"layer": i, "own_heads": own, "error_before": layer_error(cfg.skipv1_own_heads[i]),
-                       "error_after": layer_error(own)})
+        report.append({"layer": i, "own_heads": own, "error_before": before,
+                       "error_after": skipv1_value_error(v0, vi, own, None)})
     return CalibratedFit({}, heads, report)
 
 
-def calibrate(source: nn.Module, cfg: SharedKVConfig, ids: torch.Tensor, auto_heads: bool = False) -> CalibratedFit:
+def calibrate(source: nn.Module, cfg: SharedKVConfig, ids: torch.Tensor, auto_heads: bool = False,
+              mean_init: bool = True) -> CalibratedFit:
+    """Fit the layout's new tensors on the source's K/V; mean_init says how copy init set SkipV1's own heads."""
     kv = source_kv(source, ids)
     if cfg.kv_layout == "fusedkv":
         return fit_fusedkv(cfg, kv)
     if cfg.kv_layout == "skipv1":
-        return fit_skipv1(cfg, kv, auto_heads)
+        return fit_skipv1(cfg, kv, auto_heads, mean_init)
     return CalibratedFit({}, None, [])  # FusedKV-Lite has nothing to fit in closed form

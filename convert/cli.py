@@ -18,12 +18,18 @@ from common.errors import UserError
 from common.sources import default_wikitext, is_gguf, load_tokenizer, resolve_model_path
 from models import AUTO_MAP, LAYOUTS, SharedKVConfig, write_model_code
 
-from .plan import Plan, build_plan, mark_fitted, materialize
-from .report import dry_run_table, manifest
+from .plan import Plan, build_plan, mark_fitted, materialize, stream
+from .report import dry_run_table, fit_table, manifest
 from .source import TensorSource, open_source
 from .writer import atomic_folder, parse_size, write_shards
 
 INITS = ("copy", "calibrated", "reconstruct")
+# options with a fixed set of values: checked the same way whether they come from a flag or the plan
+CHOICES = {
+    "layout": LAYOUTS, "init": INITS, "skipv1_init": ("mean", "first"), "skipv1_heads": ("first", "auto"),
+    "reconstruct_mode": ("sequential", "independent"), "dtype": (None, "float32", "bfloat16", "float16"),
+    "commonkv_budget": ("adaptive", "uniform"),
+}
 DEFAULTS = {
     "source": None, "layout": "fusedkv", "out": None, "init": "copy", "skipv1_init": "mean",
     "skipv1_own_heads": None, "skipv1_heads": "first", "storage_layers": None, "calib_text": None,
@@ -38,24 +44,24 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", help="YAML file with any of the options below (flags override it)")
     parser.add_argument("--source", help="HF folder of safetensors, or a .gguf file (default: embedded SmolLM2-135M)")
-    parser.add_argument("--layout", choices=LAYOUTS, help="target layout (default fusedkv)")
+    parser.add_argument("--layout", choices=CHOICES["layout"], help="target layout (default fusedkv)")
     parser.add_argument("--out", help="output folder (default checkpoints/<source>-<layout>-<init>; CommonKV: -r<ratio>)")
     parser.add_argument("--init", help=f"initialization: {', '.join(INITS)} (default copy)")
-    parser.add_argument("--skipv1-init", choices=("mean", "first"), help="own value heads: mean with partner (default) or as they are")
+    parser.add_argument("--skipv1-init", choices=CHOICES["skipv1_init"], help="own value heads: mean with partner (default) or as they are")
     parser.add_argument("--skipv1-own-heads", type=int, help="own value heads per SkipV1 layer (default kv_heads // 2)")
-    parser.add_argument("--skipv1-heads", choices=("first", "auto"), help="which heads are own: the first ones, or chosen by calibration")
+    parser.add_argument("--skipv1-heads", choices=CHOICES["skipv1_heads"], help="which heads are own: the first ones, or chosen by calibration")
     parser.add_argument("--storage-layers", type=int, help="FusedKV layers that store K/V (default ceil(L/2))")
     parser.add_argument("--ratio", type=float, help="CommonKV: cached bytes / source cached bytes, in (0, 1] (default 0.5)")
     parser.add_argument("--commonkv-group-size", type=int, help="CommonKV: adjacent layers per shared latent (default floor(1/ratio))")
-    parser.add_argument("--commonkv-budget", choices=("adaptive", "uniform"),
+    parser.add_argument("--commonkv-budget", choices=CHOICES["commonkv_budget"],
                         help="CommonKV: ranks from hidden-state similarity on calibration text (default) or equal per layer")
     parser.add_argument("--calib-text", help="calibration text for calibrated/reconstruct/CommonKV (default: shipped WikiText-2 valid)")
     parser.add_argument("--calib-tokens", type=int, help="calibration tokens (default 2048)")
     parser.add_argument("--reconstruct-steps", type=int, help="Adam steps per layer for reconstruct (default 150)")
     parser.add_argument("--reconstruct-lr", type=float, help="Adam learning rate for reconstruct (default 1e-2)")
-    parser.add_argument("--reconstruct-mode", choices=("sequential", "independent"), help="default sequential")
+    parser.add_argument("--reconstruct-mode", choices=CHOICES["reconstruct_mode"], help="default sequential")
     parser.add_argument("--seed", type=int, help="seed for reconstruct (default 0)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: the source's)")
+    parser.add_argument("--dtype", choices=CHOICES["dtype"][1:], help="output dtype (default: the source's)")
     parser.add_argument("--max-shard-size", help="largest output shard, e.g. 2GB (default 5GB)")
     parser.add_argument("--dry-run", action="store_true", default=None, help="print the plan, write nothing")
     parser.add_argument("--force", action="store_true", default=None, help="replace an existing output folder")
@@ -68,15 +74,16 @@ def resolve_options(args: argparse.Namespace) -> dict:
             planned = yaml.safe_load(Path(args.plan).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
             raise UserError(f"cannot read plan {args.plan}: {err}") from err
+        if not isinstance(planned, dict):
+            raise UserError(f"plan {args.plan} must be a mapping of option: value")
         unknown = sorted(set(planned) - set(DEFAULTS))
         if unknown:
             raise UserError(f"unknown key {unknown[0]!r} in {args.plan}; known: {', '.join(DEFAULTS)}")
         opts.update(planned)
     opts.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
-    if opts["layout"] not in LAYOUTS:
-        raise UserError(f"unknown layout {opts['layout']!r}; choose one of {', '.join(LAYOUTS)}")
-    if opts["init"] not in INITS:
-        raise UserError(f"unknown init {opts['init']!r}; choose one of {', '.join(INITS)}")
+    for key, allowed in CHOICES.items():
+        if opts[key] not in allowed:
+            raise UserError(f"unknown {key} {opts[key]!r}; choose one of {', '.join(a for a in allowed if a)}")
     try:
         opts["ratio"] = float(opts["ratio"])
     except (TypeError, ValueError) as err:
@@ -86,6 +93,8 @@ def resolve_options(args: argparse.Namespace) -> dict:
     if opts["layout"] == "commonkv" and opts["init"] != "copy":
         raise UserError("commonkv is training-free (SVD of the source weights): use --init copy; "
                         "calibrated and reconstruct are not implemented for it")
+    if opts["skipv1_heads"] == "auto" and opts["init"] == "copy":
+        raise UserError("--skipv1-heads auto picks heads from calibration text: add --init calibrated (or reconstruct)")
     return opts
 
 
@@ -141,24 +150,26 @@ def fit(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tupl
 
     ids = calibration_ids(source_path, opts)
     source_model = getattr(source, "model", None) or load_causal_lm(source_path)  # a GGUF source is already loaded
-    auto_heads = opts["skipv1_heads"] == "auto"
-    calibrated = calibrate(source_model, plan.config, ids, auto_heads=auto_heads)
-    if calibrated.skipv1_own_heads is not None:
+    calibrated = calibrate(source_model, plan.config, ids, auto_heads=opts["skipv1_heads"] == "auto",
+                           mean_init=opts["skipv1_init"] == "mean")
+    if calibrated.skipv1_own_heads is not None:  # SkipV1's least-squares own heads are the source's rows ("first")
         cfg = SharedKVConfig(**{**plan.config.to_dict(), "skipv1_own_heads": calibrated.skipv1_own_heads})
-        plan = build_plan(source, cfg, "first" if auto_heads else opts["skipv1_init"])
+        plan = build_plan(source, cfg, "first")
     mark_fitted(plan, calibrated.tensors)
     if opts["init"] == "calibrated":
+        fit_table(calibrated.report, "calibration: relative K/V error per layer, copy init -> fitted")
         return plan, calibrated.report
 
-    from .reconstruct import ReconstructOptions, fits_as_dicts, print_fit_table, reconstruct
+    from .reconstruct import ReconstructOptions, fits_as_dicts, reconstruct
 
     target = in_memory_model(plan, source)
     fits = reconstruct(source_model, target, ids, ReconstructOptions(
         steps=opts["reconstruct_steps"], lr=opts["reconstruct_lr"], mode=opts["reconstruct_mode"], seed=opts["seed"]))
-    print_fit_table(fits)
+    report = fits_as_dicts(fits)
+    fit_table(report, "reconstruction: normalized MSE of each layer's attention output, before -> after")
     state = target.state_dict()
     mark_fitted(plan, {m.target: state[m.target] for m in plan.mappings if _is_fitted_param(plan.config, m.target)})
-    return plan, fits_as_dicts(fits)
+    return plan, report
 
 
 def commonkv_budget(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tuple[Plan, list[dict]]:
@@ -188,12 +199,8 @@ def _is_fitted_param(cfg: SharedKVConfig, name: str) -> bool:
 
 
 def output_dtype(source: TensorSource, opts: dict) -> torch.dtype:
-    if opts["dtype"]:
-        return getattr(torch, opts["dtype"])
-    first = source.dtypes["model.embed_tokens.weight"]
-    if isinstance(first, torch.dtype):
-        return first
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(first, torch.float32)
+    """--dtype, else the source's (a GGUF source is dequantized to float32)."""
+    return getattr(torch, opts["dtype"]) if opts["dtype"] else source.dtypes["model.embed_tokens.weight"]
 
 
 def default_out(source_path: Path, opts: dict) -> Path:
@@ -221,6 +228,7 @@ def write_extras(folder: Path, source: TensorSource, source_path: Path, cfg: Sha
     write_model_code(folder)
     if is_gguf(source_path):
         load_tokenizer(source_path).save_pretrained(folder)
+        source.model.generation_config.save_pretrained(folder)
     else:
         for name in TOKENIZER_FILES:
             if (source_path / name).is_file():
@@ -238,11 +246,11 @@ def convert(opts: dict) -> int:
     plan = build_plan(source, layout_config(source, opts), opts["skipv1_init"])
     dtype = output_dtype(source, opts)
     out = Path(opts["out"]) if opts["out"] else default_out(source_path, opts)
+    max_bytes = parse_size(str(opts["max_shard_size"]))
     if opts["dry_run"]:
         dry_run_table(plan, source, dtype)
         return 0
-    max_bytes = parse_size(str(opts["max_shard_size"]))
-    check_output(out, source_path, plan.param_count() * torch.tensor([], dtype=dtype).element_size())
+    check_output(out, source_path, plan.param_count() * dtype.itemsize)
     if out.exists() and not opts["force"]:
         raise UserError(f"{out} already exists; pass --force to replace it")
     fit_report = []
@@ -252,13 +260,14 @@ def convert(opts: dict) -> int:
         plan, fit_report = commonkv_budget(plan, source, source_path, opts)
 
     by_name = {m.target: m for m in plan.mappings}
+    source_hash = source.content_hash_async()
     with atomic_folder(out, opts["force"]) as tmp, progress() as bar:
         task = bar.add_task("writing tensors", total=len(plan.mappings))
         write_shards(tmp, [(m.target, m.shape) for m in plan.mappings], dtype, max_bytes,
-                     produce=lambda name: materialize(plan, source, by_name[name]),
+                     produce=lambda name: stream(plan, source, by_name[name]),
                      on_tensor=lambda: bar.advance(task))
         write_extras(tmp, source, source_path, plan.config, dtype)
         (tmp / "conversion.json").write_text(
-            json.dumps(manifest(plan, source, source_path, opts, dtype, fit_report), indent=2, sort_keys=True) + "\n")
+            json.dumps(manifest(plan, source_path, source_hash.result(), opts, dtype, fit_report), indent=2, sort_keys=True) + "\n")
     console.print(f"[green]wrote[/] {out} ({opts['layout']}, init {opts['init']})")
     return 0

@@ -15,6 +15,7 @@ Source tensors that no target uses are listed as dropped.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -159,6 +160,19 @@ def materialize(plan: Plan, source: TensorSource, mapping: Mapping) -> torch.Ten
             plan.svd_memo[group] = commonkv.group_factors(source.get, plan.config, group)
         return plan.svd_memo[group][mapping.target]
     raise ValueError(f"unknown rule {mapping.rule}")
+
+
+def stream(plan: Plan, source: TensorSource, mapping: Mapping) -> Iterator[torch.Tensor]:
+    """One target tensor as flat pieces in order: copies stream from the source a buffer at a time
+    (memory stays flat however big the tensor); other rules are computed whole, and are small
+    (gates, one layer's v_proj, one CommonKV group's factors, fitted tensors already in memory)."""
+    if mapping.rule == "copy" and mapping.target not in plan.fitted:
+        yield from source.chunks(mapping.source)
+        return
+    tensor = materialize(plan, source, mapping)
+    if tuple(tensor.shape) != tuple(mapping.shape):
+        raise ValueError(f"rule {mapping.rule} made {mapping.target} {list(tensor.shape)}, the plan says {list(mapping.shape)}")
+    yield tensor.reshape(-1)
 
 
 def mark_fitted(plan: Plan, tensors: dict[str, torch.Tensor]) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
-from common.console import console, progress
+from common.console import progress
 
 FITTED_PARAMS = {
     "fused": ("q_proj", "o_proj", "key_gate_bottom", "key_gate_middle", "value_gate_bottom", "value_gate_middle"),
@@ -155,17 +155,6 @@ def _fit_layer(target, i, role, layer_input, src_hidden, src_attn, ctx, options,
     for p in params:
         p.requires_grad_(False)
     return LayerFit(layer=i, role=role, error_before=before, error_after=after)
-
-
-def print_fit_table(fits: list[LayerFit]) -> None:
-    from rich.table import Table
-
-    table = Table(title="reconstruction error per layer (normalized MSE)")
-    for col in ("layer", "role", "before", "after"):
-        table.add_column(col, justify="right")
-    for fit in fits:
-        table.add_row(str(fit.layer), fit.role, f"{fit.error_before:.4f}", f"{fit.error_after:.4f}")
-    console.print(table)
 
 
 def fits_as_dicts(fits: list[LayerFit]) -> list[dict]:

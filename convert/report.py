@@ -9,7 +9,7 @@ from rich.table import Table
 
 from common.console import console
 
-from .plan import Plan, _numel
+from .plan import Plan, _numel, expected_source_shapes
 from .source import TensorSource
 
 
@@ -29,8 +29,8 @@ def dry_run_table(plan: Plan, source: TensorSource, dtype: torch.dtype) -> None:
         table.add_row("-", "drop", key, "x".join(map(str, source.shapes[key])))
     console.print(table)
     rules = Counter(m.rule for m in plan.mappings)
-    element = torch.tensor([], dtype=dtype).element_size()
-    before = sum(_numel(s) for s in source.shapes.values())
+    element = dtype.itemsize
+    before = sum(_numel(s) for s in expected_source_shapes(cfg).values())  # a tied lm_head counts once
     kv_before, kv_after = source_kv_bytes_per_token(cfg, element), cfg.kv_cache_bytes_per_token(element)
     summary = Table(title="summary", show_header=False)
     summary.add_row("tensors kept (copy)", str(rules["copy"]))
@@ -45,14 +45,27 @@ def dry_run_table(plan: Plan, source: TensorSource, dtype: torch.dtype) -> None:
     console.print(summary)
 
 
-def manifest(plan: Plan, source: TensorSource, source_path: Path, opts: dict, dtype: torch.dtype,
+def fit_table(rows: list[dict], title: str) -> None:
+    """Per-layer errors of a fit (calibrated or reconstruct): the user sees what the fit bought."""
+    table = Table(title=title)
+    extra = [k for k in rows[0] if k not in ("layer", "error_before", "error_after")] if rows else []
+    for col in ("layer", *extra, "before", "after"):
+        table.add_column(col.replace("_", " "), justify="right")
+    for row in rows:
+        table.add_row(str(row["layer"]), *(str(row[k]) for k in extra),
+                      f"{row['error_before']:.4f}", f"{row['error_after']:.4f}")
+    console.print(table)
+
+
+def manifest(plan: Plan, source_path: Path, source_hash: dict, opts: dict, dtype: torch.dtype,
              fit_report: list[dict]) -> dict:
+    """conversion.json: the executed plan plus what is needed to reproduce or audit it."""
     import safetensors
     import transformers
 
-    element = torch.tensor([], dtype=dtype).element_size()
+    element = dtype.itemsize
     return {
-        "source": {"path": str(source_path), "sha256": source.content_hash(), "model_type": plan.config.source_model_type},
+        "source": {"path": str(source_path), **source_hash, "model_type": plan.config.source_model_type},
         "layout": plan.config.kv_layout,
         "init": opts["init"],
         "options": {k: v for k, v in sorted(opts.items()) if k not in ("force", "dry_run", "out")},

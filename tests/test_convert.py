@@ -1,4 +1,5 @@
 """convert: round trips, initializations, sharding, determinism, dry run and every bad input."""
+import hashlib
 import json
 import math
 import struct
@@ -47,6 +48,7 @@ def test_round_trip_loads_and_keeps_storage_layers(make_source, cli, tmp_path, f
     assert model(IDS).logits.shape == (2, 12, 49152)
     manifest = json.loads((out / "conversion.json").read_text())
     assert manifest["layout"] == layout and manifest["source"]["sha256"]
+    assert manifest["source"]["files"]["model.safetensors"] == hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
     assert {m["target"] for m in manifest["mappings"]} == set(converted)
 
 
@@ -101,6 +103,16 @@ def test_reruns_are_byte_identical(make_source, cli, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
+def test_streaming_through_a_small_buffer_writes_the_same_bytes(make_source, cli, tmp_path, monkeypatch):
+    src = make_source(shard="200KB")
+    assert cli("convert", "--source", src, "--out", tmp_path / "whole", "--dtype", "bfloat16") == 0
+    monkeypatch.setattr("convert.source.CHUNK_BYTES", 4096)  # every tensor now streams in many pieces
+    assert cli("convert", "--source", src, "--out", tmp_path / "pieces", "--dtype", "bfloat16") == 0
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "pieces" / "model.safetensors").read_bytes()
+    torch.testing.assert_close(all_tensors(tmp_path / "pieces")["model.layers.0.mlp.up_proj.weight"],
+                               all_tensors(src)["model.layers.0.mlp.up_proj.weight"].bfloat16(), rtol=0, atol=0)
+
+
 def test_dry_run_writes_nothing(make_source, cli, tmp_path):
     src = make_source()
     assert cli("convert", "--source", src, "--out", tmp_path / "out", "--dry-run") == 0
@@ -135,6 +147,18 @@ def test_calibrated_skipv1_auto_heads_reuse_the_most_similar_heads(make_source, 
     fit = json.loads((out / "conversion.json").read_text())["fit"]
     assert all(f["error_after"] <= f["error_before"] + 1e-9 for f in fit)
     assert load(out).config.skipv1_own_heads[1:] == [f["own_heads"] for f in fit]
+
+
+def test_calibrated_skipv1_own_heads_are_the_source_rows(make_source, cli, tmp_path):
+    src = make_source(kv_heads=4)
+    out = tmp_path / "cal"
+    assert cli("convert", "--source", src, "--layout", "skipv1", "--init", "calibrated", "--out", out,
+               "--calib-tokens", 256) == 0
+    v_src = all_tensors(src)["model.layers.2.self_attn.v_proj.weight"].unflatten(0, (4, -1))
+    v_new = all_tensors(out)["model.layers.2.self_attn.v_proj.weight"].unflatten(0, (2, -1))
+    assert torch.equal(v_new, v_src[[0, 1]])  # the least-squares rows: the own heads as they are
+    fit = json.loads((out / "conversion.json").read_text())["fit"]
+    assert all(f["error_after"] < f["error_before"] for f in fit)  # exact own heads beat mean-V on reconstruction
 
 
 def test_reconstruct_lowers_error_and_loss_and_is_deterministic(make_source, cli, tmp_path):
@@ -185,6 +209,12 @@ def test_refuses_missing_config(make_source, cli, tmp_path, capsys):
     src = make_source()
     (src / "config.json").unlink()
     assert_refused(cli, tmp_path, capsys, "--source", src, message="no config.json")
+
+
+def test_refuses_config_that_is_not_json(make_source, cli, tmp_path, capsys):
+    src = make_source()
+    (src / "config.json").write_text("{not json")
+    assert_refused(cli, tmp_path, capsys, "--source", src, message="is not valid JSON")
 
 
 def test_refuses_unsupported_architecture(make_source, cli, tmp_path, capsys):
@@ -239,6 +269,32 @@ def test_refuses_non_finite_weights_and_leaves_no_partial_folder(make_source, cl
     state["model.layers.3.mlp.up_proj.weight"][0, 0] = math.nan
     save_file(state, src / "model.safetensors")
     assert_refused(cli, tmp_path, capsys, "--source", src, message="NaN or infinite")
+
+
+def test_interrupt_while_writing_leaves_no_partial_folder(make_source, cli, tmp_path, monkeypatch):
+    import convert.plan
+
+    src = make_source()
+    calls = []
+
+    def interrupted(plan, source, mapping):
+        calls.append(mapping.target)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return convert.plan.stream(plan, source, mapping)
+
+    monkeypatch.setattr("convert.cli.stream", interrupted)
+    assert cli("convert", "--source", src, "--out", tmp_path / "out") == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_force_replaces_an_existing_output(make_source, cli, tmp_path):
+    src = make_source()
+    out = tmp_path / "out"
+    assert cli("convert", "--source", src, "--layout", "skipv1", "--out", out) == 0
+    assert cli("convert", "--source", src, "--layout", "fusedkv", "--out", out, "--force") == 0
+    assert load(out).config.kv_layout == "fusedkv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_refuses_pickle_checkpoint(make_source, cli, tmp_path, capsys):
