@@ -79,7 +79,8 @@ def load_tokenizer(path: str | Path | None):
 
     root, extra = _split(resolve_model_path(path))
     try:
-        return AutoTokenizer.from_pretrained(root, **extra)
+        # trust_remote_code as in load_causal_lm: a converted folder's auto_map would otherwise prompt on stdin
+        return AutoTokenizer.from_pretrained(root, trust_remote_code=True, **extra)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from err
 

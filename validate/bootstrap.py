@@ -1,4 +1,8 @@
-"""Paired bootstrap over windows: is the candidate's perplexity really different from the reference?"""
+"""Paired bootstrap over windows: is the candidate's perplexity really different from the reference?
+
+Both models are scored on the same windows, so windows are resampled together and the noise that
+comes from which text was picked cancels out: only the per-window difference in NLL varies.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -8,10 +12,7 @@ from .perplexity import WindowScores
 
 def ratio_interval(candidate: WindowScores, reference: WindowScores, samples: int = 1000, seed: int = 0,
                    level: float = 0.95) -> tuple[float, float]:
-    """Confidence interval of ppl(candidate)/ppl(reference), resampling the same windows for both."""
-    if samples <= 0:
-        ratio = float(np.exp((candidate.nll.sum() - reference.nll.sum()) / candidate.count.sum()))
-        return ratio, ratio
+    """Percentile interval of ppl(candidate)/ppl(reference) over ``samples`` resamplings of the windows."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(candidate.nll), size=(samples, len(candidate.nll)))
     diff = (candidate.nll - reference.nll)[picks].sum(1) / candidate.count[picks].sum(1)

@@ -47,9 +47,11 @@ def score_windows(model, ids: torch.Tensor, context: int, stride: int, label: st
     with progress() as bar:
         task = bar.add_task(label, total=len(spans))
         for w, (begin, end, first) in enumerate(spans):
-            chunk = ids[begin:end][None]
-            logits = model(chunk, use_cache=False).logits[0, first - begin - 1 : end - begin - 1].float()
             targets = ids[first:end]
+            # Only the positions that predict scored tokens need logits (the last end - first + 1,
+            # dropping the final one): skips the vocabulary projection for the overlap.
+            logits = model(ids[begin:end][None], use_cache=False, logits_to_keep=len(targets) + 1).logits
+            logits = logits[0, :-1].float()
             nll[w] = F.cross_entropy(logits, targets, reduction="sum").item()
             count[w] = len(targets)
             bar.advance(task)

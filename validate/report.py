@@ -1,4 +1,4 @@
-"""The validation report: a rich table on the console, report.json and report.md."""
+"""The validation report: a rich table on the console, report.json and report.md (same rows in both)."""
 from __future__ import annotations
 
 import json
@@ -10,59 +10,85 @@ from rich.table import Table
 from common.console import console
 
 
-def _fmt_bytes(n: float) -> str:
-    return f"{n:,.0f}"
+def model_rows(report: dict) -> list[tuple[str, list[str]]]:
+    """(label, one cell per model) rows: perplexities, KV bytes, parameters, decode speed."""
+    models = report["models"]
+    roles = list(models)
+
+    def row(label, cell):
+        return label, [cell(role) for role in roles]
+
+    rows = [row(f"ppl {t['name']} ({t['tokens']:,} tok)", lambda r, t=t: f"{t['perplexity'][r]:.3f}")
+            for t in report["texts"]]
+    rows += [
+        row("KV bytes/token, measured", lambda r: f"{models[r]['kv_bytes_per_token_measured']:,.0f}"),
+        row("KV bytes/token, arithmetic", lambda r: f"{models[r]['kv_bytes_per_token_arithmetic']:,.0f}"),
+        row("KV saving vs source", lambda r: f"{100 * models[r]['kv_saving_vs_source']:.1f}%"),
+        row("parameters", lambda r: f"{models[r]['parameters']:,}"),
+    ]
+    rows += [row(f"decode tok/s @{n}", lambda r, i=i: f"{models[r]['decode'][i]['decode_tokens_per_s']:.1f}")
+             for i, n in enumerate(report["decode_lengths"])]
+    return rows
+
+
+def comparison_lines(report: dict) -> list[str]:
+    """One line per text and comparison: ratio, CI, whether it is a real difference, pass/fail."""
+    lines = []
+    for text in report["texts"]:
+        c = text["comparison"]
+        lines.append(f"{text['name']}: candidate/{c['reference']} ppl ratio {_ratio(c)} -> "
+                     f"{'PASS' if c['pass'] else 'FAIL'}")
+        if "candidate_vs_source" in text:
+            lines.append(f"{text['name']}: candidate/source ppl ratio {_ratio(text['candidate_vs_source'])} "
+                         "(for information; the verdict uses the control)")
+    return lines
+
+
+def _ratio(c: dict) -> str:
+    real = "real difference" if c["real_difference"] else "not distinguishable from 1"
+    return f"{c['ratio']:.4f} (95% CI {c['ci_low']:.4f}-{c['ci_high']:.4f}, {real})"
+
+
+def _verdict_word(report: dict) -> str:
+    return "PASS" if report["verdict"]["pass"] else "FAIL"
 
 
 def render_console(report: dict) -> None:
-    roles = list(report["models"])
-    table = Table(title=f"validate: {report['verdict']['rule']}")
+    table = Table(title="validate")
     table.add_column("")
-    for role in roles:
+    for role in report["models"]:
         table.add_column(role, justify="right")
-    for text in report["texts"]:
-        table.add_row(f"ppl {text['name']}", *[f"{text['perplexity'][r]:.3f}" for r in roles])
-    for key, label in (("kv_bytes_per_token_measured", "KV bytes/token (measured)"),
-                       ("kv_bytes_per_token_arithmetic", "KV bytes/token (arithmetic)"),
-                       ("parameters", "parameters")):
-        table.add_row(label, *[_fmt_bytes(report["models"][r][key]) for r in roles])
-    for i, length in enumerate(report["decode_lengths"]):
-        table.add_row(f"decode tok/s @{length}", *[f"{report['models'][r]['decode'][i]['decode_tokens_per_s']:.1f}" for r in roles])
+    for label, cells in model_rows(report):
+        table.add_row(label, *cells)
     console.print(table)
-    for text in report["texts"]:
-        c = text["comparison"]
-        console.print(f"{text['name']}: candidate/{report['verdict']['reference']} ppl ratio {c['ratio']:.4f} "
-                      f"(95% CI {c['ci_low']:.4f}-{c['ci_high']:.4f}) -> {'PASS' if c['pass'] else 'FAIL'}")
+    for line in comparison_lines(report):
+        console.print(line, highlight=False)
     colour = "green" if report["verdict"]["pass"] else "red"
-    console.print(f"[bold {colour}]{'PASS' if report['verdict']['pass'] else 'FAIL'}[/]: {report['verdict']['summary']}")
+    console.print(f"[bold {colour}]{_verdict_word(report)}[/] (exit {report['verdict']['exit_code']}): "
+                  f"{report['verdict']['summary']}", highlight=False)
+    console.print(report["verdict"]["rule"], highlight=False)
 
 
 def render_markdown(report: dict) -> str:
     roles = list(report["models"])
-    lines = ["# Validation report", "", f"Verdict: **{'PASS' if report['verdict']['pass'] else 'FAIL'}** "
-             f"({report['verdict']['summary']})", "", f"Rule: {report['verdict']['rule']}", "",
+    s = report["settings"]
+    lines = ["# Validation report", "",
+             f"Verdict: **{_verdict_word(report)}** ({report['verdict']['summary']})", "",
+             f"Rule: {report['verdict']['rule']}", "",
+             f"Perplexity: strided sliding windows of {s['context']} tokens moving by {s['stride']}, only the new "
+             "tokens of each window scored; every model scored on the same token ids.", "",
              "| | " + " | ".join(roles) + " |", "|---|" + "---:|" * len(roles)]
-    for text in report["texts"]:
-        lines.append(f"| ppl {text['name']} | " + " | ".join(f"{text['perplexity'][r]:.3f}" for r in roles) + " |")
-    for key, label in (("kv_bytes_per_token_measured", "KV bytes/token measured"),
-                       ("kv_bytes_per_token_arithmetic", "KV bytes/token arithmetic"), ("parameters", "parameters")):
-        lines.append(f"| {label} | " + " | ".join(_fmt_bytes(report["models"][r][key]) for r in roles) + " |")
-    for i, length in enumerate(report["decode_lengths"]):
-        lines.append(f"| decode tok/s @{length} | " + " | ".join(
-            f"{report['models'][r]['decode'][i]['decode_tokens_per_s']:.1f}" for r in roles) + " |")
-    lines += ["", "| text | tokens | ratio | 95% CI | verdict |", "|---|---:|---:|---|---|"]
-    for text in report["texts"]:
-        c = text["comparison"]
-        lines.append(f"| {text['name']} | {text['tokens']} | {c['ratio']:.4f} | {c['ci_low']:.4f}-{c['ci_high']:.4f} | "
-                     f"{'pass' if c['pass'] else 'fail'} |")
-    lines += ["", "Models:", ""] + [f"- {r}: `{report['models'][r]['path']}`" for r in roles]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in model_rows(report)]
+    lines += ["", *[f"- {line}" for line in comparison_lines(report)], "", "Models:", ""]
+    lines += [f"- {role}: `{report['models'][role]['path']}`" for role in roles]
     return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict, folder: Path) -> None:
     """report.json and report.md, each written to a temporary file first and renamed into place."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, content in (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", render_markdown(report))):
+    for name, content in (("report.json", json.dumps(report, indent=2, default=str) + "\n"),
+                          ("report.md", render_markdown(report))):
         tmp = folder / f".{name}.tmp"
-        tmp.write_text(content)
+        tmp.write_text(content, encoding="utf-8")
         os.replace(tmp, folder / name)
