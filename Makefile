@@ -4,7 +4,7 @@ PY := .venv/bin/python
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := .venv/.installed-$(shell cat requirements.txt | md5sum | cut -c1-8)
 
-.PHONY: venv demo test bench-cpu bench-quality clean
+.PHONY: venv demo test bench-cpu bench-quality bench-gpu clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ bench-cpu: venv
 bench-quality: venv
 	$(PY) bench/init_quality.py
 	$(PY) bench/quality_per_compute.py --steps 40 --eval-every 10 --arms control,fusedkv-copy,fusedkv-reconstruct,fusedkv-copy-kd
+
+# The GPU half (decode speed and memory, bf16 uptraining MFU): on a machine with a CUDA GPU.
+bench-gpu:
+	PY=$(if $(wildcard $(PY)),$(PY),python3) bash bench/gpu_suite.sh
 
 clean:
 	rm -rf .venv .pytest_cache runs

@@ -146,9 +146,47 @@ class FusedAttention(SharedKVAttention):
 
     def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv):
         (k0, v0), (km, vm) = shared_kv[0], shared_kv[self.middle]
-        key_states = self.key_gate(self.key_gate_bottom) * k0 + self.key_gate(self.key_gate_middle) * km
-        value_states = self.value_gate_bottom[None, :, None] * v0 + self.value_gate_middle[None, :, None] * vm
-        return key_states.to(k0.dtype), value_states.to(v0.dtype)
+        gates = (self.key_gate(self.key_gate_bottom), self.key_gate(self.key_gate_middle),
+                 self.value_gate_bottom[None, :, None], self.value_gate_middle[None, :, None])
+        return self.fuse(k0, km, v0, vm, *(g.to(k0.dtype) for g in gates))
+
+    @staticmethod
+    def fuse(k0, km, v0, vm, a, b, c, d):
+        """The fusion itself, one function so a compiled kernel can replace it (see bench/)."""
+        return a * k0 + b * km, c * v0 + d * vm
+
+    factored_decode = True  # False: fuse the caches first even when decoding (benchmarks compare both)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
+                shared_kv=None, **kwargs):
+        if self.factored_decode and hidden_states.shape[1] == 1 and not torch.is_grad_enabled():
+            return self.decode_step(hidden_states, position_embeddings, attention_mask, shared_kv)
+        return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, shared_kv, **kwargs)
+
+    def decode_step(self, hidden_states, position_embeddings, attention_mask, shared_kv):
+        """One new token, attending to the bottom and middle caches without building the fused K/V.
+
+        The gates act per feature, so q.(a*K_0 + b*K_m) = (a*q).K_0 + (b*q).K_m and
+        P (c*V_0 + d*V_m) = c*(P V_0) + d*(P V_m): each cache is read once and nothing of cache
+        size is written, where fusing first reads both caches, writes the fused pair, reads it again.
+        """
+        cos, sin = position_embeddings
+        batch = hidden_states.shape[0]
+        query = rope(self.project(self.q_proj, hidden_states), cos[:, -1:], sin[:, -1:])
+        # (batch, heads, 1, d) -> (batch, kv_heads, group, d): query head h reads kv head h // group
+        query = query.view(batch, self.num_kv_heads, self.num_key_value_groups, self.head_dim)
+        (k0, v0), (km, vm) = shared_kv[0], shared_kv[self.middle]
+        dtype = k0.dtype
+        scores = (query * self.key_gate(self.key_gate_bottom).to(dtype)) @ k0.transpose(-1, -2)
+        scores = scores.float() + ((query * self.key_gate(self.key_gate_middle).to(dtype)) @ km.transpose(-1, -2)).float()
+        scores = scores * self.scaling
+        if attention_mask is not None:  # (batch, 1, 1, keys): boolean (sdpa) or additive (eager)
+            mask = attention_mask[:, :, -1:, : k0.shape[-2]]
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = scores.softmax(-1).to(dtype)
+        gate_bottom, gate_middle = (g[None, :, None].to(dtype) for g in (self.value_gate_bottom, self.value_gate_middle))
+        out = gate_bottom * (probs @ v0) + gate_middle * (probs @ vm)
+        return self.o_proj(out.reshape(batch, 1, -1)), None
 
 
 class LiteAttention(SharedKVAttention):

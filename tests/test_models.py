@@ -145,6 +145,33 @@ def test_incremental_decoding_equals_full_forward(layout, kwargs, kv_heads, laye
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_fusedkv_inference_decode_without_fusing_equals_full_forward(kv_heads, attn, monkeypatch):
+    """Inference decode steps attend to the two caches without building the fused K/V
+    (FusedAttention.decode_step); with a left-padded row they still equal the full forward."""
+    model = layout_model("fusedkv", source=random_source(kv_heads=kv_heads))
+    model.config._attn_implementation = attn
+    calls = []
+    original = FusedAttention.decode_step
+    monkeypatch.setattr(FusedAttention, "decode_step", lambda self, *a: calls.append(1) or original(self, *a))
+    ids = torch.randint(0, VOCAB, (2, 14))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        steps = [out.logits]
+        for t in range(6, ids.shape[1]):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values,
+                        use_cache=True)
+            steps.append(out.logits)
+    inc = torch.cat(steps, dim=1)
+    assert len(calls) == 8 * 2  # every decode step, in both top layers
+    torch.testing.assert_close(inc[0], full[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(inc[1, 3:], full[1, 3:], atol=1e-5, rtol=0)
+
+
 def test_skipv1_odd_kv_heads_with_arbitrary_own_heads():
     torch.manual_seed(0)
     src = LlamaForCausalLM(LlamaConfig(**{**COMMON, "hidden_size": 48, "num_attention_heads": 6,

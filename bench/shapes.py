@@ -1,0 +1,38 @@
+"""Model shapes for benchmarks that need speed and memory, not weights: nothing has to travel."""
+from __future__ import annotations
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5)
+
+# Dense bf16 tensor-core peak of each GPU we report MFU on (vendor datasheets, no sparsity).
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+
+def random_source(max_positions: int = 8192, dtype=None, device: str = "cpu"):
+    """A Llama with SmolLM2-135M's shape and random weights (speed and memory do not depend on values)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**SMOLLM2_135M, "max_position_embeddings": max_positions})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(dtype=dtype or torch.float32, device=device).eval()
+
+
+def peak_flops(gpu_name: str) -> float | None:
+    return next((flops for key, flops in BF16_PEAK_FLOPS.items() if key in gpu_name), None)
+
+
+COMPILED = "_compiled"  # layout suffix: FusedKV with its fusion compiled into one kernel (Triton on GPU)
+
+
+def base_layout(layout: str) -> str:
+    """The layout a benchmark name builds; a '_compiled' suffix swaps in the compiled fusion first."""
+    if layout.endswith(COMPILED):
+        import torch
+
+        from models.modeling_sharedkv import FusedAttention
+
+        FusedAttention.fuse = staticmethod(torch.compile(FusedAttention.fuse, dynamic=True))
+    return layout.removesuffix(COMPILED)
