@@ -144,3 +144,34 @@ def test_bad_commonkv_options_exit_2_and_write_nothing(make_source, cli, tmp_pat
     out = tmp_path / "bad"
     assert cli("convert", "--source", src, "--layout", "commonkv", *argv, "--out", out) == 2
     assert not out.exists() and not list(tmp_path.glob(".bad*"))
+
+
+# --- uptrain and validate treat it like any other layout ----------------------------------------
+
+def test_uptrain_then_validate_a_commonkv_checkpoint(make_source, cli, tmp_path):
+    import yaml
+
+    from common.sources import default_wikitext
+    from tests.test_validate import report, validate_args
+
+    src = make_source(layers=5)
+    converted = tmp_path / "ckv"
+    assert cli("convert", "--source", src, "--layout", "commonkv", "--ratio", "0.5", "--calib-tokens", 128,
+               "--out", converted) == 0
+    text = tmp_path / "train.txt"
+    text.write_text(default_wikitext("valid").read_text()[:20000])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(converted), "data": str(text), "out": str(tmp_path / "run"),
+                                      "seq_len": 32, "micro_batch": 2, "budget": {"steps": 4}, "lr": 3e-3,
+                                      "warmup_steps": 1, "eval_every": 4, "save_every": 4, "eval_tokens": 64}))
+    assert cli("uptrain", "--config", recipe) == 0
+    final = tmp_path / "run" / "final"
+    trained = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True).state_dict()
+    assert not torch.equal(trained["model.layers.0.self_attn.kv_down.weight"],
+                           start["model.layers.0.self_attn.kv_down.weight"])  # the shared factor trained
+    out = tmp_path / "report"
+    assert cli(*validate_args(src, final, text, out)) in (0, 1)
+    candidate = report(out)["models"]["candidate"]
+    assert candidate["kv_bytes_per_token_measured"] == candidate["kv_bytes_per_token_arithmetic"]
+    assert candidate["kv_saving_vs_source"] >= 0.5
