@@ -86,22 +86,17 @@ class SharedKVAttention(nn.Module):
         q_len = hidden_states.shape[1]
         query_states = rope(self.project(self.q_proj, hidden_states), cos[:, -q_len:], sin[:, -q_len:])
         key_states, value_states = self.keys_values(hidden_states, cos, sin, past_key_values, shared_kv)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        attn_output, attn_weights = self.attention(query_states, key_states, value_states, attention_mask, **kwargs)
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+    def attention(self, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(batch, heads, q, d) queries on (batch, kv_heads, k, d) keys and values -> (batch, q, heads, d)."""
+        interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        dropout = 0.0 if not self.training else self.attention_dropout
+        return interface(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
 
 
 class StorageAttention(SharedKVAttention):
@@ -218,10 +213,26 @@ class SkipV1Attention(SharedKVAttention):
         if past_key_values is not None:
             key_states, own_values = past_key_values.update(key_states, own_values, self.layer_idx)
         first_values = shared_kv[0][1]
-        if self.head_order is None:  # own heads are 0..r-1: layer 0's heads r.. follow as a slice
-            return key_states, torch.cat((own_values, first_values[:, self.num_own :]), dim=1)
+        if self.head_order is None:  # own heads are 0..r-1, layer 0's heads r.. follow
+            blocks = (own_values, first_values[:, self.num_own :])
+            # Inference attends block by block (see attention); in training one concatenation measured faster
+            return key_states, blocks if not torch.is_grad_enabled() else torch.cat(blocks, dim=1)
         value_states = torch.cat((own_values, first_values[:, self.reused_heads]), dim=1)
         return key_states, value_states[:, self.head_order]
+
+    def attention(self, query, key, value, attention_mask, **kwargs):
+        if not isinstance(value, tuple):
+            return super().attention(query, key, value, attention_mask, **kwargs)
+        # Attention is separate per KV head: the own heads' queries attend with the own values, the
+        # others with layer 0's, so no value tensor of cache size is concatenated at every step.
+        own_values, first_values = value
+        split = self.num_own * self.num_key_value_groups
+        blocks = ((query[:, :split], key[:, : self.num_own], own_values),
+                  (query[:, split:], key[:, self.num_own :], first_values))
+        outputs = [super(SkipV1Attention, self).attention(q, k, v, attention_mask, **kwargs)
+                   for q, k, v in blocks if q.shape[1]]
+        weights = [w for _, w in outputs]
+        return torch.cat([o for o, _ in outputs], dim=2), None if weights[0] is None else torch.cat(weights, dim=1)
 
 
 class CommonKVAttention(SharedKVAttention):

@@ -172,6 +172,21 @@ def test_fusedkv_inference_decode_without_fusing_equals_full_forward(kv_heads, a
     torch.testing.assert_close(inc[1, 3:], full[1, 3:], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("own", [[[0, 1]] * 4, [[0, 1], [0], [], [0, 1]]])
+def test_skipv1_inference_attends_by_head_block_like_training(own, attn):
+    """Without grad, SkipV1 attends own and reused heads as two blocks (no concatenated values);
+    the logits equal the concatenating path used in training, also decoding step by step."""
+    model = layout_model("skipv1", skipv1_own_heads=own)
+    model.config._attn_implementation = attn
+    ids = torch.randint(0, VOCAB, (2, 12))
+    concatenated = model(ids).logits.detach()  # grad enabled: one value tensor
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, concatenated, atol=1e-5, rtol=0)
+        inc, _ = incremental_logits(model, ids, prefix=5)
+    torch.testing.assert_close(inc, concatenated, atol=1e-5, rtol=0)
+
+
 def test_skipv1_odd_kv_heads_with_arbitrary_own_heads():
     torch.manual_seed(0)
     src = LlamaForCausalLM(LlamaConfig(**{**COMMON, "hidden_size": 48, "num_attention_heads": 6,
