@@ -28,6 +28,7 @@ from bench.shapes import base_layout, random_source  # noqa: E402
 from common.sources import load_causal_lm  # noqa: E402
 from models import LAYOUTS, SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes  # noqa: E402
 from models.modeling_sharedkv import FusedAttention  # noqa: E402
+from validate.kvcache import arithmetic_bytes_per_token  # noqa: E402
 
 FUSE_FIRST = "_fuse_first"  # layout suffix: FusedKV decoding through the fused K/V (before decode_step)
 
@@ -114,12 +115,6 @@ def largest_batch(model, context: int, budget_bytes: float, new_tokens: int) -> 
     return best or {"batch": 0}
 
 
-def arithmetic_bytes(config, layout: str, element: int) -> int:
-    if not hasattr(config, "kv_cache_bytes_per_token"):
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
-    return config.kv_cache_bytes_per_token(element)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None,
@@ -150,11 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         source = load_causal_lm(args.model, dtype=dtype, attn_implementation="sdpa").to(args.device)
     budget = args.budget_gib * 2**30
-    element = torch.finfo(dtype).bits // 8
     results = {}
     for layout in args.layouts.split(","):
         model = layout_model(source, layout)
-        arithmetic = arithmetic_bytes(model.config, layout, element)
+        arithmetic = arithmetic_bytes_per_token(model.config, dtype)
         decode_run(model, 64, 4, args.device)  # warm-up
         runs = [decode_run(model, c, args.new_tokens, args.device) for c in contexts]
         results[layout] = {
@@ -169,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             results[layout]["largest_batch_in_memory"] = fit
             line += f"; largest batch at {args.fit_context}: {fit['batch']}"
         print(f"{layout:>13}: {arithmetic} B/token, {line}", flush=True)
-        if model is not source:
-            del model
+        del model
     base = results.get("source")
     if base:
         for res in results.values():

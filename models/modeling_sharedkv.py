@@ -139,11 +139,15 @@ class FusedAttention(SharedKVAttention):
     def key_gate(half: torch.Tensor) -> torch.Tensor:
         return torch.cat((half, half), dim=-1)[None, :, None, :]
 
-    def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv):
-        (k0, v0), (km, vm) = shared_kv[0], shared_kv[self.middle]
+    def gates(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(a, b, c, d) shaped to broadcast over (batch, kv_heads, tokens, head_dim), in ``dtype``."""
         gates = (self.key_gate(self.key_gate_bottom), self.key_gate(self.key_gate_middle),
                  self.value_gate_bottom[None, :, None], self.value_gate_middle[None, :, None])
-        return self.fuse(k0, km, v0, vm, *(g.to(k0.dtype) for g in gates))
+        return tuple(g.to(dtype) for g in gates)
+
+    def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv):
+        (k0, v0), (km, vm) = shared_kv[0], shared_kv[self.middle]
+        return self.fuse(k0, km, v0, vm, *self.gates(k0.dtype))
 
     @staticmethod
     def fuse(k0, km, v0, vm, a, b, c, d):
@@ -171,16 +175,14 @@ class FusedAttention(SharedKVAttention):
         # (batch, heads, 1, d) -> (batch, kv_heads, group, d): query head h reads kv head h // group
         query = query.view(batch, self.num_kv_heads, self.num_key_value_groups, self.head_dim)
         (k0, v0), (km, vm) = shared_kv[0], shared_kv[self.middle]
-        dtype = k0.dtype
-        scores = (query * self.key_gate(self.key_gate_bottom).to(dtype)) @ k0.transpose(-1, -2)
-        scores = scores.float() + ((query * self.key_gate(self.key_gate_middle).to(dtype)) @ km.transpose(-1, -2)).float()
+        a, b, c, d = self.gates(k0.dtype)
+        scores = ((query * a) @ k0.transpose(-1, -2)).float() + ((query * b) @ km.transpose(-1, -2)).float()
         scores = scores * self.scaling
         if attention_mask is not None:  # (batch, 1, 1, keys): boolean (sdpa) or additive (eager)
             mask = attention_mask[:, :, -1:, : k0.shape[-2]]
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        probs = scores.softmax(-1).to(dtype)
-        gate_bottom, gate_middle = (g[None, :, None].to(dtype) for g in (self.value_gate_bottom, self.value_gate_middle))
-        out = gate_bottom * (probs @ v0) + gate_middle * (probs @ vm)
+        probs = scores.softmax(-1).to(v0.dtype)
+        out = c * (probs @ v0) + d * (probs @ vm)
         return self.o_proj(out.reshape(batch, 1, -1)), None
 
 
