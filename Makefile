@@ -29,10 +29,9 @@ bench-cpu: venv
 	$(PY) bench/uptrain_throughput.py
 	$(PY) bench/decode.py
 
-# Quality per compute on SmolLM2-135M (about 45 minutes on 2 cores).
+# Quality per compute on SmolLM2-135M, every layout x init (hours on 2 cores; minutes on a GPU).
 bench-quality: venv
-	$(PY) bench/init_quality.py
-	$(PY) bench/quality_per_compute.py --steps 40 --eval-every 10 --arms control,fusedkv-copy,fusedkv-reconstruct,fusedkv-copy-kd
+	PY=$(PY) bash bench/quality_suite.sh
 
 # The GPU half (decode speed and memory, bf16 uptraining MFU): on a machine with a CUDA GPU.
 bench-gpu:

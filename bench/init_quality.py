@@ -27,6 +27,13 @@ from validate.perplexity import score_windows  # noqa: E402
 INITS = ("copy", "calibrated", "reconstruct")
 
 
+def write(args: argparse.Namespace, ids: torch.Tensor, results: dict) -> None:
+    payload = {"benchmark": "init_quality", "machine": machine_info(), "settings": vars(args),
+               "held_out": f"WikiText-2 test, first {len(ids)} tokens, context 512 stride 256", "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", default="fusedkv,fusedkv_lite,skipv1")
@@ -50,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{layout}-{init}"] = {"layout": layout, "init": init, "ppl": ppl, "convert_seconds": seconds,
                                            "ppl_vs_source": ppl / results["source"]["ppl"], "checkpoint": str(out)}
             print(f"{layout}-{init}: {ppl:.1f} ({seconds:.0f} s)", flush=True)
-    payload = {"benchmark": "init_quality", "machine": machine_info(), "settings": vars(args),
-               "held_out": f"WikiText-2 test, first {len(ids)} tokens, context 512 stride 256", "results": results}
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+            write(args, ids, results)  # after every arm: a run cut short still leaves its results
     print(f"wrote {args.out}")
     return 0
 

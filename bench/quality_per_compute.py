@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality_per_compute.json"))
     args = parser.parse_args(argv)
 
-    curves = {arm: run_arm(arm, Path(args.workdir), args.steps, args.eval_every) for arm in args.arms.split(",")}
-    evals = {arm: [{"tokens": r["tokens"], "step": r["step"], "eval_ppl": r["eval_ppl"]} for r in records if "eval_ppl" in r]
-             for arm, records in curves.items()}
-    payload = {"benchmark": "quality_per_compute", "machine": machine_info(), "settings": vars(args),
-               "recipe": str(RECIPE.relative_to(ROOT)), "eval": evals}
-    out = Path(args.out)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    curves, out = {}, Path(args.out)
+    for arm in args.arms.split(","):
+        curves[arm] = run_arm(arm, Path(args.workdir), args.steps, args.eval_every)
+        evals = {arm: [{"tokens": r["tokens"], "step": r["step"], "eval_ppl": r["eval_ppl"]} for r in records if "eval_ppl" in r]
+                 for arm, records in curves.items()}
+        payload = {"benchmark": "quality_per_compute", "machine": machine_info(), "settings": vars(args),
+                   "recipe": str(RECIPE.relative_to(ROOT)), "eval": evals}
+        out.write_text(json.dumps(payload, indent=2) + "\n")  # after every arm: a run cut short keeps what it did
     plot_eval_curves(curves, out.with_suffix(".png"), "SmolLM2-135M: held-out ppl vs uptraining tokens")
     for arm, points in evals.items():
         print(f"{arm:>24}: " + ", ".join(f"{p['step']}: {p['eval_ppl']:.1f}" for p in points))

@@ -27,6 +27,7 @@ from models.modeling_sharedkv import rope
 from .plan import skipv1_partners
 
 RIDGE = 1e-6
+SOURCE_CHUNK = 8  # calibration sequences per source forward pass
 
 
 @dataclass
@@ -41,23 +42,24 @@ def source_kv(source: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, 
     """Post-RoPE keys and values of every source layer, each (batch, kv_heads, seq, head_dim)."""
     d = source.config.head_dim if getattr(source.config, "head_dim", None) else (
         source.config.hidden_size // source.config.num_attention_heads)
-    captured: dict[int, dict[str, torch.Tensor]] = {}
+    captured: dict[tuple[int, str], list[torch.Tensor]] = {}
     hooks = []
     for i, layer in enumerate(source.model.layers):
         for name in ("k_proj", "v_proj"):
             hooks.append(getattr(layer.self_attn, name).register_forward_hook(
-                lambda m, a, out, i=i, name=name: captured.setdefault(i, {}).__setitem__(name, out)))
+                lambda m, a, out, key=(i, name): captured.setdefault(key, []).append(out)))
     try:
-        source(ids, use_cache=False)
+        for chunk in ids.split(SOURCE_CHUNK):  # the base model only: a large pool's logits would not fit
+            source.model(chunk, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    positions = torch.arange(ids.shape[1])[None]
+    positions = torch.arange(ids.shape[1], device=ids.device)[None]
     cos, sin = source.model.rotary_emb(source.model.embed_tokens(ids), position_ids=positions)
     kv = []
     for i in range(len(source.model.layers)):
-        k = captured[i]["k_proj"].unflatten(-1, (-1, d)).transpose(1, 2)
-        v = captured[i]["v_proj"].unflatten(-1, (-1, d)).transpose(1, 2)
+        k = torch.cat(captured[i, "k_proj"]).unflatten(-1, (-1, d)).transpose(1, 2)
+        v = torch.cat(captured[i, "v_proj"]).unflatten(-1, (-1, d)).transpose(1, 2)
         kv.append((rope(k, cos, sin), v))
     return kv
 
@@ -71,7 +73,7 @@ def solve_gates(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, dims: tuple
     s11, s12, s22 = (x1 * x1).sum(dims), (x1 * x2).sum(dims), (x2 * x2).sum(dims)
     s1y, s2y = (x1 * y).sum(dims), (x2 * y).sum(dims)
     gram = torch.stack([torch.stack([s11, s12], -1), torch.stack([s12, s22], -1)], -2).double()
-    gram += RIDGE * gram.diagonal(dim1=-2, dim2=-1).mean() * torch.eye(2, dtype=gram.dtype)
+    gram += RIDGE * gram.diagonal(dim1=-2, dim2=-1).mean() * torch.eye(2, dtype=gram.dtype, device=gram.device)
     rhs = torch.stack([s1y, s2y], -1).double().unsqueeze(-1)
     solution = torch.linalg.solve(gram, rhs).squeeze(-1).float()
     return solution[..., 0], solution[..., 1]

@@ -28,14 +28,14 @@ INITS = ("copy", "calibrated", "reconstruct")
 CHOICES = {
     "layout": LAYOUTS, "init": INITS, "skipv1_init": ("mean", "first"), "skipv1_heads": ("first", "auto"),
     "reconstruct_mode": ("sequential", "independent"), "dtype": (None, "float32", "bfloat16", "float16"),
-    "commonkv_budget": ("adaptive", "uniform"),
+    "commonkv_budget": ("adaptive", "uniform"), "device": ("auto", "cpu", "cuda"),
 }
 DEFAULTS = {
     "source": None, "layout": "fusedkv", "out": None, "init": "copy", "skipv1_init": "mean",
     "skipv1_own_heads": None, "skipv1_heads": "first", "storage_layers": None, "calib_text": None,
     "calib_tokens": 2048, "reconstruct_steps": 150, "reconstruct_lr": 1e-2, "reconstruct_mode": "sequential",
     "seed": 0, "dtype": None, "max_shard_size": "5GB", "dry_run": False, "force": False,
-    "ratio": 0.5, "commonkv_group_size": None, "commonkv_budget": "adaptive",
+    "ratio": 0.5, "commonkv_group_size": None, "commonkv_budget": "adaptive", "device": "auto",
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reconstruct-lr", type=float, help="Adam learning rate for reconstruct (default 1e-2)")
     parser.add_argument("--reconstruct-mode", choices=CHOICES["reconstruct_mode"], help="default sequential")
     parser.add_argument("--seed", type=int, help="seed for reconstruct (default 0)")
+    parser.add_argument("--device", choices=CHOICES["device"], help="where calibration and reconstruct run (default auto: a GPU if there is one)")
     parser.add_argument("--dtype", choices=CHOICES["dtype"][1:], help="output dtype (default: the source's)")
     parser.add_argument("--max-shard-size", help="largest output shard, e.g. 2GB (default 5GB)")
     parser.add_argument("--dry-run", action="store_true", default=None, help="print the plan, write nothing")
@@ -139,7 +140,13 @@ def in_memory_model(plan: Plan, source: TensorSource):
     return model
 
 
-def fit(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tuple[Plan, list[dict]]:
+def fit_device(opts: dict) -> torch.device:
+    if opts["device"] == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
+    return torch.device("cuda" if opts["device"] != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def fit(plan: Plan, source: TensorSource, source_path: Path, out: Path, opts: dict) -> tuple[Plan, list[dict]]:
     """Calibrated fit, and for reconstruct the layer-wise training that starts from it.
 
     Returns the plan with fitted tensors (and, with --skipv1-heads auto, the chosen heads) and the
@@ -148,8 +155,9 @@ def fit(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tupl
 
     from .calibrate import calibrate
 
-    ids = calibration_ids(source_path, opts)
-    source_model = getattr(source, "model", None) or load_causal_lm(source_path)  # a GGUF source is already loaded
+    device = fit_device(opts)
+    ids = calibration_ids(source_path, opts).to(device)
+    source_model = (getattr(source, "model", None) or load_causal_lm(source_path)).to(device)  # a GGUF source is already loaded
     calibrated = calibrate(source_model, plan.config, ids, auto_heads=opts["skipv1_heads"] == "auto",
                            mean_init=opts["skipv1_init"] == "mean")
     if calibrated.skipv1_own_heads is not None:  # SkipV1's least-squares own heads are the source's rows ("first")
@@ -160,11 +168,13 @@ def fit(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tupl
         fit_table(calibrated.report, "calibration: relative K/V error per layer, copy init -> fitted")
         return plan, calibrated.report
 
-    from .reconstruct import ReconstructOptions, fits_as_dicts, reconstruct
+    from .reconstruct import ReconstructOptions, fits_as_dicts, reconstruct, spill_folder
 
-    target = in_memory_model(plan, source)
-    fits = reconstruct(source_model, target, ids, ReconstructOptions(
-        steps=opts["reconstruct_steps"], lr=opts["reconstruct_lr"], mode=opts["reconstruct_mode"], seed=opts["seed"]))
+    target = in_memory_model(plan, source).to(device)
+    options = ReconstructOptions(steps=opts["reconstruct_steps"], lr=opts["reconstruct_lr"], mode=opts["reconstruct_mode"],
+                                 seed=opts["seed"])
+    with spill_folder(source_model.config, ids, near=out.parent) as spill_dir:
+        fits = reconstruct(source_model, target, ids, options, spill_dir)
     report = fits_as_dicts(fits)
     fit_table(report, "reconstruction: normalized MSE of each layer's attention output, before -> after")
     state = target.state_dict()
@@ -255,7 +265,7 @@ def convert(opts: dict) -> int:
         raise UserError(f"{out} already exists; pass --force to replace it")
     fit_report = []
     if opts["init"] != "copy":
-        plan, fit_report = fit(plan, source, source_path, opts)
+        plan, fit_report = fit(plan, source, source_path, out, opts)
     if opts["layout"] == "commonkv" and opts["commonkv_budget"] == "adaptive":
         plan, fit_report = commonkv_budget(plan, source, source_path, opts)
 

@@ -179,7 +179,7 @@ def mark_fitted(plan: Plan, tensors: dict[str, torch.Tensor]) -> None:
     """Tensors produced by a fit replace their rule's output; the manifest records the rule as fitted."""
     for mapping in plan.mappings:
         if mapping.target in tensors:
-            plan.fitted[mapping.target] = tensors[mapping.target].detach().clone()
+            plan.fitted[mapping.target] = tensors[mapping.target].detach().to("cpu", copy=True)  # fits may run on a GPU
             if mapping.rule != "fitted":  # a second fit (reconstruct after calibrated) keeps the first rule
                 mapping.args = {**mapping.args, "initial_rule": mapping.rule}
                 mapping.rule = "fitted"

@@ -182,6 +182,25 @@ def test_reconstruct_lowers_error_and_loss_and_is_deterministic(make_source, cli
     assert distance["r1"] < 0.5 * distance["copy"]
 
 
+def test_reconstruct_spilled_activations_give_the_same_checkpoint(make_source, cli, tmp_path, monkeypatch):
+    """A calibration pool of several batches, its source activations in RAM or spilled to memory-mapped
+    files: the same bytes either way, and no spill folder left behind."""
+    from convert import reconstruct
+
+    src = make_source(layers=4, hidden=32)
+    argv = ["--source", src, "--init", "reconstruct", "--calib-tokens", 2560, "--reconstruct-steps", 10]
+    assert cli("convert", *argv, "--out", tmp_path / "ram") == 0
+    spilled_to = []
+    host_buffer = reconstruct.host_buffer
+    monkeypatch.setattr(reconstruct, "SPILL_ABOVE_BYTES", 0)
+    monkeypatch.setattr(reconstruct, "host_buffer", lambda shape, spill_dir, name: (
+        spilled_to.append(spill_dir), host_buffer(shape, spill_dir, name))[1])
+    assert cli("convert", *argv, "--out", tmp_path / "spilled") == 0
+    assert spilled_to and all(d is not None and d.parent == tmp_path for d in spilled_to)
+    assert (tmp_path / "ram" / "model.safetensors").read_bytes() == (tmp_path / "spilled" / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ram", "spilled", "src"]
+
+
 def test_reconstruct_with_sharing_off_keeps_the_source_exactly(make_source, cli, tmp_path):
     src = make_source(kv_heads=2)
     out = tmp_path / "off"
