@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,24 +40,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", default="fusedkv,fusedkv_lite,skipv1")
     parser.add_argument("--inits", default=",".join(INITS))
     parser.add_argument("--tokens", type=int, default=4096, help="WikiText-2 test tokens scored")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="convert option for every conversion, e.g. calib_tokens=32768 (repeatable)")
+    parser.add_argument("--tag", default="", help="suffix of the checkpoint and result names, for a sweep")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "init_quality.json"))
     args = parser.parse_args(argv)
 
     ids = torch.tensor(load_tokenizer(None)(default_wikitext("test").read_text())["input_ids"][: args.tokens])
-    results = {"source": {"ppl": score_windows(load_causal_lm(None), ids, 512, 256, "source").perplexity}}
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the conversions' fits pick the GPU the same way
+    results = {"source": {"ppl": score_windows(load_causal_lm(None).to(device), ids, 512, 256, "source").perplexity}}
     print(f"source: {results['source']['ppl']:.2f}", flush=True)
+    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
     for layout in args.layouts.split(","):
         for init in args.inits.split(","):
-            out = Path(args.workdir) / f"{layout}-{init}"
+            name = f"{layout}-{init}{args.tag}"
+            out = Path(args.workdir) / name
             start = time.perf_counter()
             if not (out / "config.json").exists():
-                convert_cli.convert({**convert_cli.DEFAULTS, "layout": layout, "init": init, "out": str(out), "force": True})
+                convert_cli.convert({**convert_cli.DEFAULTS, **overrides, "layout": layout, "init": init, "out": str(out),
+                                     "force": True})
             seconds = time.perf_counter() - start
-            ppl = score_windows(load_causal_lm(out), ids, 512, 256, f"{layout}-{init}").perplexity
-            results[f"{layout}-{init}"] = {"layout": layout, "init": init, "ppl": ppl, "convert_seconds": seconds,
-                                           "ppl_vs_source": ppl / results["source"]["ppl"], "checkpoint": str(out)}
-            print(f"{layout}-{init}: {ppl:.1f} ({seconds:.0f} s)", flush=True)
+            ppl = score_windows(load_causal_lm(out).to(device), ids, 512, 256, name).perplexity
+            results[name] = {"layout": layout, "init": init, "convert_options": overrides, "ppl": ppl,
+                             "convert_seconds": seconds, "ppl_vs_source": ppl / results["source"]["ppl"],
+                             "checkpoint": str(out)}
+            print(f"{name}: {ppl:.1f} ({seconds:.0f} s)", flush=True)
             write(args, ids, results)  # after every arm: a run cut short still leaves its results
     print(f"wrote {args.out}")
     return 0

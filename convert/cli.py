@@ -33,7 +33,7 @@ CHOICES = {
 DEFAULTS = {
     "source": None, "layout": "fusedkv", "out": None, "init": "copy", "skipv1_init": "mean",
     "skipv1_own_heads": None, "skipv1_heads": "first", "storage_layers": None, "calib_text": None,
-    "calib_tokens": 2048, "reconstruct_steps": 150, "reconstruct_lr": 1e-2, "reconstruct_mode": "sequential",
+    "calib_tokens": 16384, "reconstruct_steps": 150, "reconstruct_lr": 1e-2, "reconstruct_mode": "sequential",
     "seed": 0, "dtype": None, "max_shard_size": "5GB", "dry_run": False, "force": False,
     "ratio": 0.5, "commonkv_group_size": None, "commonkv_budget": "adaptive", "device": "auto",
 }
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commonkv-budget", choices=CHOICES["commonkv_budget"],
                         help="CommonKV: ranks from hidden-state similarity on calibration text (default) or equal per layer")
     parser.add_argument("--calib-text", help="calibration text for calibrated/reconstruct/CommonKV (default: shipped WikiText-2 valid)")
-    parser.add_argument("--calib-tokens", type=int, help="calibration tokens (default 2048)")
+    parser.add_argument("--calib-tokens", type=int, help="calibration tokens (default 16384)")
     parser.add_argument("--reconstruct-steps", type=int, help="Adam steps per layer for reconstruct (default 150)")
     parser.add_argument("--reconstruct-lr", type=float, help="Adam learning rate for reconstruct (default 1e-2)")
     parser.add_argument("--reconstruct-mode", choices=CHOICES["reconstruct_mode"], help="default sequential")

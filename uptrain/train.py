@@ -83,7 +83,8 @@ def train(model, tokenizer, teacher, train_seqs, eval_seqs, recipe: Recipe, tota
                 engine.step()
                 losses.append(loss.item())
             done = step + 1
-            mean_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
+            # on the engine's device: nccl reduces GPU tensors only
+            mean_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64, device=engine.device)
             torch.distributed.all_reduce(mean_loss)  # every rank's micro-batches count in the logged loss
             record = {"step": done, "loss": mean_loss.item() / world_size, "lr": schedule.get_last_lr()[-1],
                       "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": done * tokens_per_step,

@@ -43,6 +43,7 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
 def score_windows(model, ids: torch.Tensor, context: int, stride: int, label: str = "perplexity") -> WindowScores:
     """ids: 1-D token tensor. Returns per-window NLL sums and scored-token counts."""
     spans = windows(len(ids), context, stride)
+    ids = ids.to(model.device)
     nll, count = np.zeros(len(spans)), np.zeros(len(spans), dtype=np.int64)
     with progress() as bar:
         task = bar.add_task(label, total=len(spans))
