@@ -20,7 +20,8 @@ def step0_ppl(tmp_path_factory, heldout_ids):
     folder = tmp_path_factory.mktemp("smollm2")
     ppl = {"source": perplexity(None, heldout_ids)}
     for init in ("copy", "calibrated"):
-        assert run.main(["convert", "--layout", "fusedkv", "--init", init, "--out", str(folder / init)]) == 0
+        assert run.main(["convert", "--layout", "fusedkv", "--init", init, "--calib-tokens", "2048",
+                         "--out", str(folder / init)]) == 0
         ppl[init] = perplexity(folder / init, heldout_ids)
     print(f"\nstep-0 perplexity on 1024 WikiText-2 test tokens: {ppl}")
     return ppl
