@@ -1,11 +1,16 @@
 """Conversion throughput against `cp` of the same bytes, and peak memory against the largest tensor.
 
 Builds a synthetic sharded Llama checkpoint (default ~2.7 GB fp32: 12 layers, hidden 2048), then
-times `cp -r` of it and `run.py convert` to FusedKV (best of --repeats, alternating, each after a sync),
-each in a fresh process whose peak RSS is read from the kernel; each is timed twice, when it exits
-and when a following `sync` has put its bytes on disk (`cp` of a few GB can finish inside the page
-cache, so only the second is a like-for-like comparison on a machine with a slow disk). The interpreter baseline is `run.py convert --dry-run` (same imports and plan, no
-tensor bytes read), so "peak over baseline" is what streaming the tensors costs.
+times `cp -r` of it and `run.py convert` to FusedKV (best of --repeats, alternating), each in a
+fresh process whose peak RSS is read from the kernel. Each is timed twice, when it exits and when a
+following `sync` has put its bytes on disk (`cp` of a few GB can finish inside the page cache, so
+only the second is a like-for-like comparison on a machine with a slow disk). Each command starts
+right after removing its own previous output and a sync, so both write into memory their own last
+run gave back: on a VM the second of two big writers after one shared removal found the page cache
+several times slower (measured on the 2-core machine of the results: `cp` of 2.7 GB took 1.0-1.4 s
+when it ran first, 5.8-7.1 s when it ran second). The interpreter baseline is `run.py convert
+--dry-run` (same imports and plan, no tensor bytes read), so "peak over baseline" is what streaming
+the tensors costs.
 
     python bench/convert_throughput.py            # writes bench/results/convert.json
 """
@@ -83,6 +88,12 @@ def synced(seconds_rss: tuple[float, int]) -> tuple[float, float, int]:
     return seconds_rss[0], seconds_rss[0] + time.perf_counter() - start, seconds_rss[1]
 
 
+def fresh(out: Path) -> None:
+    """Remove a command's previous output and sync, right before the command runs again."""
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(["sync"], check=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -101,12 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     convert = [python, "run.py", "convert", "--source", str(source), "--layout", "fusedkv", "--max-shard-size", "1GB"]
     dry_s, baseline_rss = timed(convert + ["--out", str(work / "dry"), "--dry-run"])
     cp_s, convert_s, cp_disk_s, convert_disk_s, peak_rss = math.inf, math.inf, math.inf, math.inf, 0
-    for _ in range(args.repeats):  # alternate, each after a sync: both meet the same page cache and writeback
-        shutil.rmtree(work / "copy", ignore_errors=True)
-        shutil.rmtree(work / "converted", ignore_errors=True)
-        subprocess.run(["sync"], check=False)
+    for _ in range(args.repeats):  # alternate; each meets the page cache and writeback its own last run left
+        fresh(work / "copy")
         seconds, to_disk, _ = synced(timed(["cp", "-r", str(source), str(work / "copy")]))
         cp_s, cp_disk_s = min(cp_s, seconds), min(cp_disk_s, to_disk)
+        fresh(work / "converted")
         seconds, to_disk, rss = synced(timed(convert + ["--out", str(work / "converted")]))
         convert_s, convert_disk_s, peak_rss = min(convert_s, seconds), min(convert_disk_s, to_disk), max(peak_rss, rss)
     written = sum(p.stat().st_size for p in (work / "converted").glob("*.safetensors"))

@@ -56,7 +56,7 @@ def load_causal_lm(path: str | Path | None, dtype=None, attn_implementation: str
 
     from transformers.utils import logging as hf_logging
 
-    import models  # noqa: F401  (registers the shared-KV layouts with the Auto classes)
+    from models import SharedKVForCausalLM  # noqa: F401  (registers the shared-KV layouts with the Auto classes)
 
     hf_logging.disable_progress_bar()  # our own progress bars are enough; theirs clutter logs
 

@@ -21,7 +21,7 @@ from models import AUTO_MAP, LAYOUTS, SharedKVConfig, write_model_code
 from .plan import Plan, build_plan, mark_fitted, materialize, stream
 from .report import dry_run_table, fit_table, manifest
 from .source import TensorSource, open_source
-from .writer import atomic_folder, parse_size, write_shards
+from .writer import atomic_folder, open_shards, parse_size
 
 INITS = ("copy", "calibrated", "reconstruct")
 # options with a fixed set of values: checked the same way whether they come from a flag or the plan
@@ -269,15 +269,17 @@ def convert(opts: dict) -> int:
     if opts["layout"] == "commonkv" and opts["commonkv_budget"] == "adaptive":
         plan, fit_report = commonkv_budget(plan, source, source_path, opts)
 
-    by_name = {m.target: m for m in plan.mappings}
-    source_hash = source.content_hash_async()
     with atomic_folder(out, opts["force"]) as tmp, progress() as bar:
         task = bar.add_task("writing tensors", total=len(plan.mappings))
-        write_shards(tmp, [(m.target, m.shape) for m in plan.mappings], dtype, max_bytes,
-                     produce=lambda name: stream(plan, source, by_name[name]),
-                     on_tensor=lambda: bar.advance(task))
+        with open_shards(tmp, [(m.target, m.shape) for m in plan.mappings], dtype, max_bytes,
+                         on_tensor=lambda: bar.advance(task)) as shards:
+            # copies go from the source's one read, which also hashes it, straight to their place
+            source_hash = source.scan({m.source: shards.sink(m.target) for m in plan.mappings if m.rule == "copy"})
+            for m in plan.mappings:
+                if m.rule != "copy":
+                    shards.write(m.target, stream(plan, source, m))
         write_extras(tmp, source, source_path, plan.config, dtype)
         (tmp / "conversion.json").write_text(
-            json.dumps(manifest(plan, source_path, source_hash.result(), opts, dtype, fit_report), indent=2, sort_keys=True) + "\n")
+            json.dumps(manifest(plan, source_path, source_hash, opts, dtype, fit_report), indent=2, sort_keys=True) + "\n")
     console.print(f"[green]wrote[/] {out} ({opts['layout']}, init {opts['init']})")
     return 0

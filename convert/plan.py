@@ -163,12 +163,10 @@ def materialize(plan: Plan, source: TensorSource, mapping: Mapping) -> torch.Ten
 
 
 def stream(plan: Plan, source: TensorSource, mapping: Mapping) -> Iterator[torch.Tensor]:
-    """One target tensor as flat pieces in order: copies stream from the source a buffer at a time
-    (memory stays flat however big the tensor); other rules are computed whole, and are small
-    (gates, one layer's v_proj, one CommonKV group's factors, fitted tensors already in memory)."""
-    if mapping.rule == "copy" and mapping.target not in plan.fitted:
-        yield from source.chunks(mapping.source)
-        return
+    """One target tensor as flat pieces in order, computed whole. `run.py convert` asks this only for
+    the rules other than copy, which are small (gates, one layer's v_proj, one CommonKV group's
+    factors, fitted tensors already in memory); copies go to the writer piece by piece from the
+    source scan."""
     tensor = materialize(plan, source, mapping)
     if tuple(tensor.shape) != tuple(mapping.shape):
         raise ValueError(f"rule {mapping.rule} made {mapping.target} {list(tensor.shape)}, the plan says {list(mapping.shape)}")

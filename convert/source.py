@@ -1,22 +1,25 @@
-"""Source checkpoints, read lazily by tensor name.
+"""Source checkpoints: tensors by name, and one scan that hashes the files and feeds the copies.
 
 A folder of safetensors shards: every header is parsed and checked up front (byte ranges inside
-the file, known dtypes); tensor bytes are read only when the writer asks for that tensor, with
-plain reads at the offsets the header gives (no mmap, so touched pages do not pile up in RSS).
-``chunks`` streams a tensor through one reused buffer, so copying a tensor costs a buffer, not
-the tensor. A GGUF file is dequantized through transformers' GGUF loader into memory (GGUF
-models are small, quantized files; the dequantized model must fit in RAM). Pickle checkpoints
-are refused, never unpickled.
+the file that do not overlap, known dtypes). ``scan`` then reads each shard once, front to back,
+in pieces of at most ``CHUNK_BYTES`` through two reused buffers (plain reads, no mmap, so touched
+pages do not pile up in RSS): every piece goes to the file's sha256, hashed in a thread of its own
+while the next piece is read, and every piece of a tensor the writer copies goes straight to the
+writer. Shards are scanned in parallel, one thread each, up to the number of cores. ``get`` reads
+one whole tensor, for the rules that compute from it. A GGUF file is dequantized through
+transformers' GGUF loader into memory (GGUF models are small, quantized files; the dequantized
+model must fit in RAM). Pickle checkpoints are refused, never unpickled.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import torch
 
@@ -25,8 +28,12 @@ from common.sources import is_gguf
 
 from .writer import SAFETENSORS_DTYPES
 
-CHUNK_BYTES = 4 << 20  # stays in the CPU cache between the read and the write; small next to a real model's tensors
+CHUNK_BYTES = 4 << 20  # stays in the CPU cache from the read to the hash and the write; small next to a real model's tensors
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+# Where a copied tensor's pieces go: sink(index of the piece's first element, flat piece). A piece is
+# only valid during the call (its buffer is reused).
+Sink = Callable[[int, torch.Tensor], None]
 
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 PICKLE_HINT = (
@@ -50,25 +57,17 @@ class TensorSource:
     def get(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def chunks(self, key: str) -> Iterator[torch.Tensor]:
-        """The tensor's elements, flat and in order, a bounded piece at a time; each piece is only
-        valid until the next one is asked for (the buffer is reused)."""
+    def scan(self, sinks: dict[str, Sink]) -> dict:
+        """Hand every tensor named in sinks to its sink, and return the source's content hash: the
+        sha256 of every file (the digests `sha256sum` prints) and one sha256 over that listing."""
         raise NotImplementedError
 
-    def content_hash(self) -> dict:
-        """sha256 of every source file (the digests `sha256sum` prints), files hashed in parallel,
-        and one sha256 over that listing to name the whole source."""
-        with ThreadPoolExecutor(max_workers=min(len(self.files), os.cpu_count() or 1)) as pool:
-            digests = dict(sorted(zip((p.name for p in self.files), pool.map(_sha256_file, self.files))))
-        listing = "".join(f"{digest}  {name}\n" for name, digest in digests.items())
-        return {"sha256": hashlib.sha256(listing.encode()).hexdigest(), "files": digests}
 
-    def content_hash_async(self) -> Future:
-        """content_hash in a thread (hashing and reads release the GIL), overlapping the writes."""
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-        future = pool.submit(self.content_hash)
-        pool.shutdown(wait=False)
-        return future
+def _content_hash(digests: dict[str, str]) -> dict:
+    """The manifest's source hash from each file's sha256."""
+    digests = dict(sorted(digests.items()))
+    listing = "".join(f"{digest}  {name}\n" for name, digest in digests.items())
+    return {"sha256": hashlib.sha256(listing.encode()).hexdigest(), "files": digests}
 
 
 def _sha256_file(path: Path) -> str:
@@ -108,44 +107,102 @@ class SafetensorsSource(TensorSource):
                 raise UserError(f"{folder / pickles[0]} is a pickle checkpoint: {PICKLE_HINT}")
             raise UserError(f"no *.safetensors weights in {folder}")
         self.files, self.shapes, self.dtypes, self._entries = [], {}, {}, {}
+        self._in_file: dict[Path, list[str]] = {}  # each shard's tensors in file order
         for name in shard_names:
             path = folder / name
             if not path.is_file():
                 raise UserError(f"the index names shard {name}, which is missing from {folder}")
             self.files.append(path)
-            for key, (shape, dtype, entry) in _read_header(path).items():
+            header = _read_header(path)
+            self._in_file[path] = list(header)
+            for key, (shape, dtype, entry) in header.items():
                 self.shapes[key], self.dtypes[key], self._entries[key] = shape, dtype, entry
         if weight_map is not None:
             missing = [k for k, shard in weight_map.items() if k not in self._entries or self._entries[k].path.name != shard]
             if missing:
                 raise UserError(f"tensor {missing[0]} is listed in the index but not in shard {weight_map[missing[0]]}")
-        self._buffer: torch.Tensor | None = None
 
     def get(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
         data = torch.empty(entry.nbytes, dtype=torch.uint8)
-        self._read(key, entry.offset, data)
+        with _open(entry.path, key) as fh:
+            fh.seek(entry.offset)
+            _read_exactly(fh, data, entry.path, key)
         return data.view(self.dtypes[key]).view(self.shapes[key])
 
-    def chunks(self, key: str) -> Iterator[torch.Tensor]:
-        entry = self._entries[key]
-        if self._buffer is None:
-            self._buffer = torch.empty(CHUNK_BYTES, dtype=torch.uint8)  # a multiple of every element size
-        for start in range(0, entry.nbytes, CHUNK_BYTES):
-            piece = self._buffer[: min(CHUNK_BYTES, entry.nbytes - start)]
-            self._read(key, entry.offset + start, piece)
-            yield piece.view(self.dtypes[key])
+    def scan(self, sinks: dict[str, Sink]) -> dict:
+        """One read of every shard, which feeds both its sha256 and the sinks (see the module docstring)."""
+        stop = threading.Event()
+        with ThreadPoolExecutor(max_workers=min(len(self.files), os.cpu_count() or 1), thread_name_prefix="scan") as pool:
+            futures = {path.name: pool.submit(self._scan_file, path, sinks, stop) for path in self.files}
+            try:
+                return _content_hash({name: future.result() for name, future in futures.items()})
+            finally:
+                stop.set()  # on an error or Ctrl-C here, the other shards stop at their next piece
 
-    def _read(self, key: str, offset: int, into: torch.Tensor) -> None:
-        path = self._entries[key].path
+    def _scan_file(self, path: Path, sinks: dict[str, Sink], stop: threading.Event) -> str:
+        """sha256 of one shard, read front to back once; the pieces of tensors in sinks go to them on the way."""
+        digest = hashlib.sha256()
+        buffers = [torch.empty(CHUNK_BYTES, dtype=torch.uint8) for _ in range(2)]
+        hashing: list[Future | None] = [None, None]  # the pending hash of each buffer
         try:
-            with path.open("rb") as fh:
-                fh.seek(offset)
-                size = fh.readinto(memoryview(into.numpy()))
-        except OSError as err:
-            raise UserError(f"cannot read tensor {key} from {path.name}: {err}") from err
-        if size != len(into):
-            raise UserError(f"{path.name} is truncated: tensor {key} ends past the end of the file")
+            with _open(path, None) as fh, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
+                for i, (key, size, first) in enumerate(self._pieces(path, os.fstat(fh.fileno()).st_size)):
+                    if stop.is_set():
+                        return ""  # another shard failed: its error is the one raised
+                    if hashing[i % 2] is not None:
+                        hashing[i % 2].result()  # the buffer is free again once its piece is hashed
+                    piece = buffers[i % 2][:size]
+                    _read_exactly(fh, piece, path, key)
+                    hashing[i % 2] = hasher.submit(digest.update, piece.numpy())
+                    if key in sinks:
+                        sinks[key](first, piece.view(self.dtypes[key]))
+        except BaseException:
+            stop.set()
+            raise
+        return digest.hexdigest()
+
+    def _pieces(self, path: Path, size: int) -> Iterator[tuple[str | None, int, int]]:
+        """(tensor or None, bytes, index of the first element) of consecutive pieces that cover the
+        file front to back: header, tensors, anything between or after. Pieces start at a tensor's
+        start and CHUNK_BYTES is a multiple of every element size, so a piece holds whole elements;
+        an empty tensor gets one empty piece, so its sink still sees it."""
+        position = 0
+        for key in self._in_file[path]:
+            entry = self._entries[key]
+            if entry.offset > position:
+                yield from _unowned(position, entry.offset)
+            itemsize = self.dtypes[key].itemsize
+            for start in range(0, max(entry.nbytes, 1), CHUNK_BYTES):
+                yield key, min(CHUNK_BYTES, entry.nbytes - start), start // itemsize
+            position = entry.offset + entry.nbytes
+        yield from _unowned(position, size)
+
+
+def _unowned(start: int, end: int) -> Iterator[tuple[None, int, int]]:
+    """Pieces of bytes no tensor owns (the header, any gap), hashed only."""
+    for offset in range(start, end, CHUNK_BYTES):
+        yield None, min(CHUNK_BYTES, end - offset), 0
+
+
+def _open(path: Path, key: str | None) -> BinaryIO:
+    try:
+        return path.open("rb", buffering=0)  # unbuffered: every read goes straight into the caller's buffer
+    except OSError as err:
+        raise UserError(f"cannot read {_what(path, key)}: {err}") from err
+
+
+def _read_exactly(fh: BinaryIO, into: torch.Tensor, path: Path, key: str | None) -> None:
+    try:
+        size = fh.readinto(memoryview(into.numpy()))
+    except OSError as err:
+        raise UserError(f"cannot read {_what(path, key)}: {err}") from err
+    if size != len(into):
+        raise UserError(f"{path.name} is truncated: {f'tensor {key}' if key else 'its data'} ends past the end of the file")
+
+
+def _what(path: Path, key: str | None) -> str:
+    return f"tensor {key} from {path.name}" if key else path.name
 
 
 class InMemorySource(TensorSource):
@@ -159,11 +216,11 @@ class InMemorySource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         return self._state[key]
 
-    def chunks(self, key: str) -> Iterator[torch.Tensor]:
-        flat = self._state[key].reshape(-1)
-        step = CHUNK_BYTES // flat.element_size()
-        for start in range(0, flat.numel(), step):
-            yield flat[start : start + step]
+    def scan(self, sinks: dict[str, Sink]) -> dict:
+        """The tensors are in memory already: each goes to its sink whole; then the files are hashed."""
+        for key, sink in sinks.items():
+            sink(0, self._state[key].reshape(-1))
+        return _content_hash({path.name: _sha256_file(path) for path in self.files})
 
 
 def _load_config(folder: Path):
@@ -182,7 +239,8 @@ def _load_config(folder: Path):
 
 
 def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, TensorEntry]]:
-    """Parse and check a shard header: known dtypes, byte ranges inside the file that match the shapes."""
+    """Parse and check a shard header: known dtypes, byte ranges inside the file that match the shapes
+    and do not overlap. Tensors come in file order."""
     size = path.stat().st_size
     try:
         with path.open("rb") as fh:
@@ -204,7 +262,11 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, Te
             if end - start != dtype.itemsize * torch.Size(shape).numel():
                 raise ValueError(f"tensor {key} spans {end - start} bytes, its shape {list(shape)} needs another size")
             shapes[key] = (shape, dtype, TensorEntry(path, 8 + header_len + start, end - start))
-        return shapes
+        in_order = sorted(shapes, key=lambda k: shapes[k][2].offset)
+        for before, after in zip(in_order, in_order[1:]):
+            if shapes[before][2].offset + shapes[before][2].nbytes > shapes[after][2].offset:
+                raise ValueError(f"tensors {before} and {after} overlap")
+        return {key: shapes[key] for key in in_order}
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise UserError(f"{path.name} is truncated or corrupt ({err})") from err
 
