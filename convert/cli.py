@@ -91,9 +91,8 @@ def resolve_options(args: argparse.Namespace) -> dict:
         raise UserError(f"ratio must be a number in (0, 1], got {opts['ratio']!r}") from err
     if not 0 < opts["ratio"] <= 1:
         raise UserError(f"--ratio is the cached bytes kept, a fraction in (0, 1]; got {opts['ratio']:g}")
-    if opts["layout"] == "commonkv" and opts["init"] != "copy":
-        raise UserError("commonkv is training-free (SVD of the source weights): use --init copy; "
-                        "calibrated and reconstruct are not implemented for it")
+    if opts["layout"] == "commonkv" and opts["init"] == "calibrated":
+        raise UserError("commonkv has no closed-form calibrated fit: use --init copy (its SVD) or reconstruct")
     if opts["skipv1_heads"] == "auto" and opts["init"] == "copy":
         raise UserError("--skipv1-heads auto picks heads from calibration text: add --init calibrated (or reconstruct)")
     return opts
@@ -264,10 +263,11 @@ def convert(opts: dict) -> int:
     if out.exists() and not opts["force"]:
         raise UserError(f"{out} already exists; pass --force to replace it")
     fit_report = []
-    if opts["init"] != "copy":
-        plan, fit_report = fit(plan, source, source_path, out, opts)
-    if opts["layout"] == "commonkv" and opts["commonkv_budget"] == "adaptive":
+    if opts["layout"] == "commonkv" and opts["commonkv_budget"] == "adaptive":  # first: ranks set the factors' shapes
         plan, fit_report = commonkv_budget(plan, source, source_path, opts)
+    if opts["init"] != "copy":
+        plan, layer_fits = fit(plan, source, source_path, out, opts)
+        fit_report = fit_report + layer_fits
 
     with atomic_folder(out, opts["force"]) as tmp, progress() as bar:
         task = bar.add_task("writing tensors", total=len(plan.mappings))

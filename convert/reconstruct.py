@@ -12,7 +12,8 @@ is trained alone, for a few hundred Adam steps, on the source's own activations:
   compounding.
 
 Only the layer being fitted trains (its gates, q_proj, o_proj and, for SkipV1, its own-head
-v_proj); everything else is frozen. Each Adam step sees a batch of calibration sequences, so the
+v_proj; for CommonKV its kv_up and, on a group's anchor, the shared kv_down, starting from the
+SVD); everything else is frozen. Each Adam step sees a batch of calibration sequences, so the
 pool (``--calib-tokens``) can be much larger than a batch: with the ~0.7M parameters of a
 SmolLM2 layer, 2,048 tokens are fitted far better than held-out text is.
 
@@ -44,6 +45,7 @@ FITTED_PARAMS = {
     "fused": ("q_proj", "o_proj", "key_gate_bottom", "key_gate_middle", "value_gate_bottom", "value_gate_middle"),
     "lite": ("q_proj", "o_proj"),
     "skipv1": ("q_proj", "v_proj", "o_proj"),
+    "commonkv": ("q_proj", "kv_down", "kv_up", "o_proj"),  # kv_down only on a group's anchor
 }
 
 

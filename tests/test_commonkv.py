@@ -137,6 +137,26 @@ def test_convert_cli_ratio_one_is_exact(make_source, cli, tmp_path):
     torch.testing.assert_close(converted, original, atol=1e-4, rtol=0)
 
 
+def test_reconstruct_fits_the_factors_and_moves_the_outputs_back_to_the_source(make_source, cli, tmp_path):
+    src = make_source(layers=4, kv_heads=2)
+    common = ["--source", src, "--layout", "commonkv", "--ratio", "0.5", "--calib-tokens", 256]
+    assert cli("convert", *common, "--out", tmp_path / "svd") == 0
+    assert cli("convert", *common, "--init", "reconstruct", "--reconstruct-steps", 40, "--out", tmp_path / "fit") == 0
+    manifest = json.loads((tmp_path / "fit" / "conversion.json").read_text())
+    layers = [row for row in manifest["fit"] if "layer" in row]
+    assert [row["layer"] for row in layers] == [0, 1, 2, 3] and all(r["error_after"] <= r["error_before"] for r in layers)
+    assert layers[1]["error_after"] < 0.5 * layers[1]["error_before"]  # the layer reading its anchor's latent
+    rules = {m["target"]: m["rule"] for m in manifest["mappings"]}
+    assert rules["model.layers.0.self_attn.kv_down.weight"] == rules["model.layers.1.self_attn.kv_up.weight"] == "fitted"
+    from common.sources import default_wikitext, load_tokenizer
+    ids = torch.tensor(load_tokenizer(src)(default_wikitext("valid").read_text()[:20000])["input_ids"][:256])[None]
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(src).eval()(ids).logits
+        distance = {name: (AutoModelForCausalLM.from_pretrained(tmp_path / name, trust_remote_code=True).eval()(ids).logits
+                           - reference).pow(2).mean().item() for name in ("svd", "fit")}
+    assert distance["fit"] < 0.5 * distance["svd"]
+
+
 @pytest.mark.parametrize("argv", [("--ratio", "0"), ("--ratio", "1.5"), ("--ratio", "-0.2"), ("--ratio", "half"),
                                   ("--init", "calibrated")])
 def test_bad_commonkv_options_exit_2_and_write_nothing(make_source, cli, tmp_path, argv):
