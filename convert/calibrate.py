@@ -133,9 +133,8 @@ def fit_skipv1(cfg: SharedKVConfig, kv: list, auto_heads: bool, mean_init: bool)
 def calibrate(source: nn.Module, cfg: SharedKVConfig, ids: torch.Tensor, auto_heads: bool = False,
               mean_init: bool = True) -> CalibratedFit:
     """Fit the layout's new tensors on the source's K/V; mean_init says how copy init set SkipV1's own heads."""
-    kv = source_kv(source, ids)
     if cfg.kv_layout == "fusedkv":
-        return fit_fusedkv(cfg, kv)
+        return fit_fusedkv(cfg, source_kv(source, ids))
     if cfg.kv_layout == "skipv1":
-        return fit_skipv1(cfg, kv, auto_heads, mean_init)
-    return CalibratedFit({}, None, [])  # FusedKV-Lite has nothing to fit in closed form
+        return fit_skipv1(cfg, source_kv(source, ids), auto_heads, mean_init)
+    return CalibratedFit({}, None, [])  # FusedKV-Lite and CommonKV have nothing to fit in closed form
