@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quality per compute on SmolLM2-135M: step-0 perplexity of every layout x init, then the same
 # uptraining recipe from each init next to the control arm (10/20/40-step evaluations).
-# Runs where it is started: about 45 minutes on 2 CPU cores, a few minutes on one GPU (the fits
+# Runs where it is started: hours on 2 CPU cores, a few minutes on one GPU (the fits
 # of calibrated/reconstruct and the uptraining use it). Usage: bash bench/quality_suite.sh [suffix]
 # writes bench/results/init_quality<suffix>.json and quality_per_compute<suffix>.json/.png.
 set -euo pipefail

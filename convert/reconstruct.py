@@ -123,7 +123,8 @@ def _attention(model: nn.Module, index: int, hidden: torch.Tensor, ctx: dict) ->
 @contextlib.contextmanager
 def spill_folder(source_config, ids: torch.Tensor, near: Path) -> Iterator[Path | None]:
     """A temporary folder beside `near` for the source activations when they exceed SPILL_ABOVE_BYTES, else None."""
-    needed = 2 * (source_config.num_hidden_layers + 1) * ids.numel() * source_config.hidden_size * 4
+    buffers = 2 * source_config.num_hidden_layers + 1  # source_activations: each layer's input and attention, the output
+    needed = buffers * ids.numel() * source_config.hidden_size * 4
     if needed <= SPILL_ABOVE_BYTES:
         yield None
         return
