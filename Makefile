@@ -31,7 +31,7 @@ bench-cpu: venv
 
 # Quality per compute on SmolLM2-135M, every layout x init (hours on 2 cores; minutes on a GPU).
 bench-quality: venv
-	PY=$(PY) bash bench/quality_suite.sh
+	$(PY) bench/quality_suite.py
 
 # The GPU half (decode speed and memory, bf16 uptraining MFU): on a machine with a CUDA GPU.
 bench-gpu:

@@ -8,6 +8,9 @@ from pathlib import Path
 
 
 def git_commit() -> str:
+    """HEAD of this checkout; BENCH_GIT_COMMIT overrides it where the copy's .git is not the code's (a device copy)."""
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        return os.environ["BENCH_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, check=True)

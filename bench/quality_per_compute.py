@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument("--no-plot", action="store_true", help="JSON only (bench/quality_suite.py plots the merge)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality_per_compute.json"))
     args = parser.parse_args(argv)
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"benchmark": "quality_per_compute", "machine": machine_info(), "settings": vars(args),
                    "recipe": str(RECIPE.relative_to(ROOT)), "eval": evals}
         out.write_text(json.dumps(payload, indent=2) + "\n")  # after every arm: a run cut short keeps what it did
-    plot_eval_curves(curves, out.with_suffix(".png"), "SmolLM2-135M: held-out ppl vs uptraining tokens")
+    if not args.no_plot:
+        plot_eval_curves(curves, out.with_suffix(".png"), "SmolLM2-135M: held-out ppl vs uptraining tokens")
     for arm, points in evals.items():
         print(f"{arm:>24}: " + ", ".join(f"{p['step']}: {p['eval_ppl']:.1f}" for p in points))
     print(f"wrote {out}")
