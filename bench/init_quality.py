@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.workdir) / name
             start = time.perf_counter()
             if not (out / "config.json").exists():
-                convert_cli.convert({**convert_cli.DEFAULTS, **overrides, "layout": layout, "init": init, "out": str(out),
-                                     "force": True})
+                convert_cli.convert(convert_cli.checked_numbers({**convert_cli.DEFAULTS, **overrides, "layout": layout,
+                                                                 "init": init, "out": str(out), "force": True}))
             seconds = time.perf_counter() - start
             ppl = score_windows(load_causal_lm(out).to(device), ids, 512, 256, name).perplexity
             results[name] = {"layout": layout, "init": init, "convert_options": overrides, "ppl": ppl,

@@ -27,16 +27,24 @@ INITS = ("copy", "calibrated", "reconstruct")
 # options with a fixed set of values: checked the same way whether they come from a flag or the plan
 CHOICES = {
     "layout": LAYOUTS, "init": INITS, "skipv1_init": ("mean", "first"), "skipv1_heads": ("first", "auto"),
-    "reconstruct_mode": ("sequential", "independent"), "dtype": (None, "float32", "bfloat16", "float16"),
+    "reconstruct_mode": (None, "sequential", "independent"), "dtype": (None, "float32", "bfloat16", "float16"),
     "commonkv_budget": ("adaptive", "uniform"), "device": ("auto", "cpu", "cuda"),
 }
 DEFAULTS = {
     "source": None, "layout": "fusedkv", "out": None, "init": "copy", "skipv1_init": "mean",
     "skipv1_own_heads": None, "skipv1_heads": "first", "storage_layers": None, "calib_text": None,
-    "calib_tokens": 16384, "reconstruct_steps": 150, "reconstruct_lr": 1e-2, "reconstruct_mode": "sequential",
+    "calib_tokens": 16384, "reconstruct_steps": 150, "reconstruct_lr": None, "reconstruct_mode": None,
     "seed": 0, "dtype": None, "max_shard_size": "5GB", "dry_run": False, "force": False,
     "ratio": 0.5, "commonkv_group_size": None, "commonkv_budget": "adaptive", "device": "auto",
 }
+NUMBERS = {"calib_tokens": int, "reconstruct_steps": int, "reconstruct_lr": float, "seed": int, "ratio": float,
+           "storage_layers": int, "skipv1_own_heads": int, "commonkv_group_size": int}
+# Measured on SmolLM2-135M (bench/results/reconstruct_lr_sweep_cuda.json): lr 1e-2 sequential fits
+# FusedKV/Lite/SkipV1 best, but moves CommonKV's SVD factors so far that step 0 is 9,821 (1e-3: 29.7)
+# and uptraining starts by diverging; every CommonKV layer changes, so independent fits beat
+# sequential ones, which ask each layer to cancel the drift of all layers below.
+RECONSTRUCT_DEFAULTS = {"commonkv": {"reconstruct_lr": 1e-3, "reconstruct_mode": "independent"}}
+RECONSTRUCT_DEFAULT = {"reconstruct_lr": 1e-2, "reconstruct_mode": "sequential"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
@@ -58,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-text", help="calibration text for calibrated/reconstruct/CommonKV (default: shipped WikiText-2 valid)")
     parser.add_argument("--calib-tokens", type=int, help="calibration tokens (default 16384)")
     parser.add_argument("--reconstruct-steps", type=int, help="Adam steps per layer for reconstruct (default 150)")
-    parser.add_argument("--reconstruct-lr", type=float, help="Adam learning rate for reconstruct (default 1e-2)")
-    parser.add_argument("--reconstruct-mode", choices=CHOICES["reconstruct_mode"], help="default sequential")
+    parser.add_argument("--reconstruct-lr", type=float, help="Adam learning rate for reconstruct (default 1e-2; CommonKV 1e-3)")
+    parser.add_argument("--reconstruct-mode", choices=CHOICES["reconstruct_mode"], help="default sequential (CommonKV: independent)")
     parser.add_argument("--seed", type=int, help="seed for reconstruct (default 0)")
     parser.add_argument("--device", choices=CHOICES["device"], help="where calibration and reconstruct run (default auto: a GPU if there is one)")
     parser.add_argument("--dtype", choices=CHOICES["dtype"][1:], help="output dtype (default: the source's)")
@@ -85,10 +93,7 @@ def resolve_options(args: argparse.Namespace) -> dict:
     for key, allowed in CHOICES.items():
         if opts[key] not in allowed:
             raise UserError(f"unknown {key} {opts[key]!r}; choose one of {', '.join(a for a in allowed if a)}")
-    try:
-        opts["ratio"] = float(opts["ratio"])
-    except (TypeError, ValueError) as err:
-        raise UserError(f"ratio must be a number in (0, 1], got {opts['ratio']!r}") from err
+    opts = checked_numbers(opts)
     if not 0 < opts["ratio"] <= 1:
         raise UserError(f"--ratio is the cached bytes kept, a fraction in (0, 1]; got {opts['ratio']:g}")
     if opts["layout"] == "commonkv" and opts["init"] == "calibrated":
@@ -96,6 +101,28 @@ def resolve_options(args: argparse.Namespace) -> dict:
     if opts["skipv1_heads"] == "auto" and opts["init"] == "copy":
         raise UserError("--skipv1-heads auto picks heads from calibration text: add --init calibrated (or reconstruct)")
     return opts
+
+
+def checked_numbers(opts: dict) -> dict:
+    """Numeric options as numbers: a plan's YAML reads `1e-3` as a string, a flag's text is a string."""
+    out = dict(opts)
+    for key, kind in NUMBERS.items():
+        if out[key] is None:
+            continue
+        try:
+            value = kind(out[key]) if kind is float else int(str(out[key]), 10)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{key} must be {'a number' if kind is float else 'an integer'}, got {out[key]!r}") from err
+        if kind is int and value < 0 or kind is float and not value > 0:
+            raise UserError(f"{key} must be {'>= 0' if kind is int else '> 0'}, got {out[key]!r}")
+        out[key] = value
+    return out
+
+
+def with_layout_defaults(opts: dict) -> dict:
+    """opts with the reconstruct settings left unset filled in for the layout."""
+    defaults = RECONSTRUCT_DEFAULTS.get(opts["layout"], RECONSTRUCT_DEFAULT)
+    return {**opts, **{key: value for key, value in defaults.items() if opts[key] is None}}
 
 
 def layout_config(source: TensorSource, opts: dict) -> SharedKVConfig:
@@ -250,6 +277,7 @@ def main(args: argparse.Namespace) -> int:
 
 def convert(opts: dict) -> int:
     """Run one conversion from fully resolved options (DEFAULTS plus overrides)."""
+    opts = with_layout_defaults(opts)
     source_path = resolve_model_path(opts["source"])
     source = open_source(source_path)
     plan = build_plan(source, layout_config(source, opts), opts["skipv1_init"])

@@ -143,6 +143,8 @@ def test_reconstruct_fits_the_factors_and_moves_the_outputs_back_to_the_source(m
     assert cli("convert", *common, "--out", tmp_path / "svd") == 0
     assert cli("convert", *common, "--init", "reconstruct", "--reconstruct-steps", 40, "--out", tmp_path / "fit") == 0
     manifest = json.loads((tmp_path / "fit" / "conversion.json").read_text())
+    # CommonKV's own defaults: an lr that keeps the SVD factors near their start, layers fitted independently
+    assert (manifest["options"]["reconstruct_lr"], manifest["options"]["reconstruct_mode"]) == (1e-3, "independent")
     layers = [row for row in manifest["fit"] if "layer" in row]
     assert [row["layer"] for row in layers] == [0, 1, 2, 3] and all(r["error_after"] <= r["error_before"] for r in layers)
     assert layers[1]["error_after"] < 0.5 * layers[1]["error_before"]  # the layer reading its anchor's latent
@@ -155,6 +157,18 @@ def test_reconstruct_fits_the_factors_and_moves_the_outputs_back_to_the_source(m
         distance = {name: (AutoModelForCausalLM.from_pretrained(tmp_path / name, trust_remote_code=True).eval()(ids).logits
                            - reference).pow(2).mean().item() for name in ("svd", "fit")}
     assert distance["fit"] < 0.5 * distance["svd"]
+
+
+def test_reconstruct_defaults_follow_the_layout_and_give_way_to_flags():
+    from convert.cli import DEFAULTS, with_layout_defaults
+
+    def resolved(**opts):
+        out = with_layout_defaults({**DEFAULTS, **opts})
+        return out["reconstruct_lr"], out["reconstruct_mode"]
+
+    assert resolved(layout="commonkv") == (1e-3, "independent")
+    assert resolved(layout="skipv1") == resolved(layout="fusedkv") == (1e-2, "sequential")
+    assert resolved(layout="commonkv", reconstruct_lr=0.05, reconstruct_mode="sequential") == (0.05, "sequential")
 
 
 @pytest.mark.parametrize("argv", [("--ratio", "0"), ("--ratio", "1.5"), ("--ratio", "-0.2"), ("--ratio", "half"),

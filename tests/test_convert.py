@@ -1,4 +1,5 @@
 """convert: round trips, initializations, sharding, determinism, dry run and every bad input."""
+import argparse
 import hashlib
 import json
 import math
@@ -167,8 +168,9 @@ def test_reconstruct_lowers_error_and_loss_and_is_deterministic(make_source, cli
     assert cli("convert", "--source", src, "--out", tmp_path / "copy") == 0
     for name in ("r1", "r2"):
         assert cli("convert", "--source", src, "--init", "reconstruct", "--out", tmp_path / name, *calib) == 0
-    fit = json.loads((tmp_path / "r1" / "conversion.json").read_text())["fit"]
-    assert all(f["error_after"] < f["error_before"] for f in fit)
+    manifest = json.loads((tmp_path / "r1" / "conversion.json").read_text())
+    assert (manifest["options"]["reconstruct_lr"], manifest["options"]["reconstruct_mode"]) == (1e-2, "sequential")
+    assert all(f["error_after"] < f["error_before"] for f in manifest["fit"])
     assert (tmp_path / "r1" / "model.safetensors").read_bytes() == (tmp_path / "r2" / "model.safetensors").read_bytes()
     # A random tiny source has near-uniform loss; what reconstruct must do is bring the outputs back to the source's.
     # On the calibration tokens, the converted model's outputs move back towards the source's
@@ -331,6 +333,21 @@ def test_refuses_unknown_layout_and_init(make_source, cli, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
     plan.write_text("layout: mla\n")
     assert_refused(cli, tmp_path, capsys, "--source", src, "--plan", plan, message="unknown layout")
+
+
+def test_plan_numbers_are_read_as_numbers_and_bad_ones_refused(make_source, cli, tmp_path, capsys):
+    from convert.cli import resolve_options
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("reconstruct_lr: 1e-3\ncalib_tokens: 2048\n")  # YAML 1.1 reads 1e-3 as a string
+    opts = resolve_options(argparse.Namespace(plan=str(plan)))
+    assert (opts["reconstruct_lr"], opts["calib_tokens"]) == (1e-3, 2048)
+    src = make_source()
+    for text, message in (("calib_tokens: many\n", "calib_tokens must be an integer"),
+                          ("reconstruct_lr: -1\n", "reconstruct_lr must be > 0"),
+                          ("reconstruct_steps: 2.5\n", "reconstruct_steps must be an integer")):
+        plan.write_text(text)
+        assert_refused(cli, tmp_path, capsys, "--source", src, "--plan", plan, message=message)
 
 
 def test_refuses_output_inside_input_and_existing_output(make_source, cli, tmp_path, capsys):

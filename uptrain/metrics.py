@@ -50,12 +50,15 @@ def plot_eval_curves(runs: dict[str, list[dict]], path: Path, title: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, records in runs.items():
+    many = len(runs) > 6  # a suite's dozen arms: distinct colours, legend beside the axes
+    fig, ax = plt.subplots(figsize=(9, 5) if many else (6, 4))
+    colours = plt.get_cmap("tab20").colors if many else plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (name, records) in enumerate(runs.items()):
         evals = [r for r in records if "eval_ppl" in r]
-        ax.plot([r["tokens"] for r in evals], [r["eval_ppl"] for r in evals], marker="o", label=name)
+        ax.plot([r["tokens"] for r in evals], [r["eval_ppl"] for r in evals], marker="o", label=name,
+                color=colours[k % len(colours)], linestyle="--" if name == "control" else "-")
     ax.set(xlabel="uptraining tokens", ylabel="held-out perplexity", yscale="log", title=title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small") if many else ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
