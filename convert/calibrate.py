@@ -19,15 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from models import SharedKVConfig
 from models.modeling_sharedkv import rope
 
+from .layerwise import LayerPass
 from .plan import skipv1_partners
 
 RIDGE = 1e-6
-SOURCE_CHUNK = 8  # calibration sequences per source forward pass
 
 
 @dataclass
@@ -38,30 +36,18 @@ class CalibratedFit:
 
 
 @torch.no_grad()
-def source_kv(source: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Post-RoPE keys and values of every source layer, each (batch, kv_heads, seq, head_dim)."""
-    d = source.config.head_dim if getattr(source.config, "head_dim", None) else (
-        source.config.hidden_size // source.config.num_attention_heads)
-    captured: dict[tuple[int, str], list[torch.Tensor]] = {}
-    hooks = []
-    for i, layer in enumerate(source.model.layers):
-        for name in ("k_proj", "v_proj"):
-            hooks.append(getattr(layer.self_attn, name).register_forward_hook(
-                lambda m, a, out, key=(i, name): captured.setdefault(key, []).append(out)))
-    try:
-        for chunk in ids.split(SOURCE_CHUNK):  # the base model only: a large pool's logits would not fit
-            source.model(chunk, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    positions = torch.arange(ids.shape[1], device=ids.device)[None]
-    cos, sin = source.model.rotary_emb(source.model.embed_tokens(ids), position_ids=positions)
-    kv = []
-    for i in range(len(source.model.layers)):
-        k = torch.cat(captured[i, "k_proj"]).unflatten(-1, (-1, d)).transpose(1, 2)
-        v = torch.cat(captured[i, "v_proj"]).unflatten(-1, (-1, d)).transpose(1, 2)
-        kv.append((rope(k, cos, sin), v))
-    return kv
+def layer_kv(step: LayerPass) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-RoPE keys and values of one source layer over the pool, each (batch, kv_heads, seq, head_dim)."""
+    attn = step.layer.self_attn
+    x = step.layer.input_layernorm(step.input)
+    k = attn.k_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+    v = attn.v_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+    return rope(k, *step.ctx.rope), v
+
+
+def needs_kv(cfg: SharedKVConfig) -> bool:
+    """Whether the layout has a closed-form fit (FusedKV's gates, SkipV1's heads) that reads the source's K/V."""
+    return cfg.kv_layout in ("fusedkv", "skipv1")
 
 
 def relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -130,11 +116,12 @@ def fit_skipv1(cfg: SharedKVConfig, kv: list, auto_heads: bool, mean_init: bool)
     return CalibratedFit({}, heads, report)
 
 
-def calibrate(source: nn.Module, cfg: SharedKVConfig, ids: torch.Tensor, auto_heads: bool = False,
+def calibrate(cfg: SharedKVConfig, kv: list[tuple[torch.Tensor, torch.Tensor]], auto_heads: bool = False,
               mean_init: bool = True) -> CalibratedFit:
-    """Fit the layout's new tensors on the source's K/V; mean_init says how copy init set SkipV1's own heads."""
+    """Fit the layout's new tensors on the source's K/V (layer_kv of every layer); mean_init says
+    how copy init set SkipV1's own heads."""
     if cfg.kv_layout == "fusedkv":
-        return fit_fusedkv(cfg, source_kv(source, ids))
+        return fit_fusedkv(cfg, kv)
     if cfg.kv_layout == "skipv1":
-        return fit_skipv1(cfg, source_kv(source, ids), auto_heads, mean_init)
+        return fit_skipv1(cfg, kv, auto_heads, mean_init)
     return CalibratedFit({}, None, [])  # FusedKV-Lite and CommonKV have nothing to fit in closed form

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from common.errors import UserError
 from common.sources import default_wikitext, is_gguf, load_tokenizer, resolve_model_path
 from models import AUTO_MAP, LAYOUTS, SharedKVConfig, write_model_code
 
+from .layerwise import LayerPass, LayerwiseModel, run_source
 from .plan import Plan, build_plan, mark_fitted, materialize, stream
 from .report import dry_run_table, fit_table, manifest
 from .source import TensorSource, open_source
@@ -157,13 +159,20 @@ def calibration_ids(source_path: Path, opts: dict) -> torch.Tensor:
     return torch.tensor(ids[: n // seq * seq]).view(-1, seq)
 
 
-def in_memory_model(plan: Plan, source: TensorSource):
+def source_layerwise(source: TensorSource, device: torch.device) -> LayerwiseModel:
+    """The source model, one layer in memory at a time, read from its checkpoint on demand."""
+    from transformers import AutoModelForCausalLM
+
+    return LayerwiseModel.build(lambda: AutoModelForCausalLM.from_config(source.config), source.get, device)
+
+
+def target_layerwise(plan: Plan, source: TensorSource, device: torch.device) -> LayerwiseModel:
+    """The converted model, one layer in memory at a time, each tensor computed by its plan rule."""
     from models import SharedKVForCausalLM
 
-    model = SharedKVForCausalLM(plan.config).eval()
-    state = {m.target: materialize(plan, source, m).float() for m in plan.mappings}
-    model.load_state_dict(state, strict=not plan.config.tie_word_embeddings)
-    return model
+    mappings = {m.target: m for m in plan.mappings}
+    return LayerwiseModel.build(lambda: SharedKVForCausalLM(plan.config),
+                                lambda name: materialize(plan, source, mappings[name]), device)
 
 
 def fit_device(opts: dict) -> torch.device:
@@ -173,65 +182,62 @@ def fit_device(opts: dict) -> torch.device:
 
 
 def fit(plan: Plan, source: TensorSource, source_path: Path, out: Path, opts: dict) -> tuple[Plan, list[dict]]:
-    """Calibrated fit, and for reconstruct the layer-wise training that starts from it.
+    """Calibrated fit, and for reconstruct the layer-wise training that starts from it. One pass of
+    the source over the calibration pool feeds both; source and target have one layer in memory at a time.
 
     Returns the plan with fitted tensors (and, with --skipv1-heads auto, the chosen heads) and the
     per-layer report of the last fit."""
-    from common.sources import load_causal_lm
-
-    from .calibrate import calibrate
+    from .calibrate import calibrate, layer_kv, needs_kv
+    from .reconstruct import ReconstructOptions, SourceActivations, fits_as_dicts, reconstruct, spill_folder
 
     device = fit_device(opts)
     ids = calibration_ids(source_path, opts).to(device)
-    source_model = (getattr(source, "model", None) or load_causal_lm(source_path)).to(device)  # a GGUF source is already loaded
-    calibrated = calibrate(source_model, plan.config, ids, auto_heads=opts["skipv1_heads"] == "auto",
-                           mean_init=opts["skipv1_init"] == "mean")
-    if calibrated.skipv1_own_heads is not None:  # SkipV1's least-squares own heads are the source's rows ("first")
-        cfg = SharedKVConfig(**{**plan.config.to_dict(), "skipv1_own_heads": calibrated.skipv1_own_heads})
-        plan = build_plan(source, cfg, "first")
-    mark_fitted(plan, calibrated.tensors)
-    if opts["init"] == "calibrated":
-        fit_table(calibrated.report, "calibration: relative K/V error per layer, copy init -> fitted")
-        return plan, calibrated.report
+    reconstructing = opts["init"] == "reconstruct"
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    spill = spill_folder(source.config, ids, near=out.parent) if reconstructing else contextlib.nullcontext()
+    with spill as spill_dir:
+        activations = SourceActivations(source.config, ids, spill_dir) if reconstructing else None
 
-    from .reconstruct import ReconstructOptions, fits_as_dicts, reconstruct, spill_folder
+        def visit(step: LayerPass) -> None:
+            if needs_kv(plan.config):
+                kv.append(layer_kv(step))
+            if activations is not None:
+                activations.store(step)
 
-    target = in_memory_model(plan, source).to(device)
-    options = ReconstructOptions(steps=opts["reconstruct_steps"], lr=opts["reconstruct_lr"], mode=opts["reconstruct_mode"],
-                                 seed=opts["seed"])
-    with spill_folder(source_model.config, ids, near=out.parent) as spill_dir:
-        fits = reconstruct(source_model, target, ids, options, spill_dir)
+        if needs_kv(plan.config) or reconstructing:
+            run_source(source_layerwise(source, device), ids, visit)
+        calibrated = calibrate(plan.config, kv, auto_heads=opts["skipv1_heads"] == "auto",
+                               mean_init=opts["skipv1_init"] == "mean")
+        kv.clear()  # the closed-form fit was their only reader
+        if calibrated.skipv1_own_heads is not None:  # SkipV1's least-squares own heads are the source's rows ("first")
+            cfg = SharedKVConfig(**{**plan.config.to_dict(), "skipv1_own_heads": calibrated.skipv1_own_heads})
+            plan = build_plan(source, cfg, "first")
+        mark_fitted(plan, calibrated.tensors)
+        if not reconstructing:
+            fit_table(calibrated.report, "calibration: relative K/V error per layer, copy init -> fitted")
+            return plan, calibrated.report
+        options = ReconstructOptions(steps=opts["reconstruct_steps"], lr=opts["reconstruct_lr"],
+                                     mode=opts["reconstruct_mode"], seed=opts["seed"])
+        fits, fitted = reconstruct(activations, target_layerwise(plan, source, device), ids, options)
     report = fits_as_dicts(fits)
     fit_table(report, "reconstruction: normalized MSE of each layer's attention output, before -> after")
-    state = target.state_dict()
-    mark_fitted(plan, {m.target: state[m.target] for m in plan.mappings if _is_fitted_param(plan.config, m.target)})
+    mark_fitted(plan, fitted)
     return plan, report
 
 
 def commonkv_budget(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tuple[Plan, list[dict]]:
     """CommonKV ranks per group from the source's hidden-state similarity on calibration text."""
-    from common.sources import load_causal_lm
-
     from .commonkv import adaptive_ranks, budget_table, group_similarity
 
-    ids = calibration_ids(source_path, opts)
-    source_model = getattr(source, "model", None) or load_causal_lm(source_path)  # a GGUF source is already loaded
-    similarity = group_similarity(source_model, plan.config, ids)
+    device = fit_device(opts)
+    ids = calibration_ids(source_path, opts).to(device)
+    similarity = group_similarity(source_layerwise(source, device), plan.config, ids)
     ranks = adaptive_ranks(plan.config, similarity)
     report = [{"group": g, "layers": layers, "similarity": s, "rank_uniform": u, "rank": r} for g, (layers, s, u, r)
               in enumerate(zip(plan.config.commonkv_groups, similarity, plan.config.commonkv_ranks, ranks))]
     budget_table(report)
     cfg = SharedKVConfig(**{**plan.config.to_dict(), "commonkv_ranks": ranks})
     return build_plan(source, cfg), report
-
-
-def _is_fitted_param(cfg: SharedKVConfig, name: str) -> bool:
-    from .reconstruct import FITTED_PARAMS
-
-    parts = name.split(".")
-    if len(parts) < 5 or parts[3] != "self_attn":
-        return False
-    return parts[4] in FITTED_PARAMS.get(cfg.layer_role(int(parts[2])), ())
 
 
 def output_dtype(source: TensorSource, opts: dict) -> torch.dtype:

@@ -26,6 +26,8 @@ from torch import nn
 from models import SharedKVConfig
 from models.configuration_sharedkv import allocate_ranks
 
+from .layerwise import LayerPass, LayerwiseModel, run_source
+
 NORM_FLOOR = 1e-6  # gamma is divided out of the anchor's down-projection; an exact zero would be inf
 
 
@@ -77,34 +79,27 @@ def group_factors(get: Callable[[str], torch.Tensor], cfg: SharedKVConfig, group
 
 
 @torch.no_grad()
-def group_similarity(source: nn.Module, cfg: SharedKVConfig, ids: torch.Tensor) -> list[float]:
+def group_similarity(source: LayerwiseModel, cfg: SharedKVConfig, ids: torch.Tensor) -> list[float]:
     """Per group, the mean cosine similarity of the residual stream entering the anchor and each
-    other layer of the group. Only the current group's anchor input is kept, not every layer's."""
+    other layer of the group, over the pool (one source layer in memory at a time, only the
+    current group's anchor input kept)."""
     anchor_of = {l: g[0] for g in cfg.commonkv_groups for l in g}
     anchor_input: dict[int, torch.Tensor] = {}
     sums = [0.0] * len(cfg.commonkv_groups)
     counts = [0] * len(cfg.commonkv_groups)
 
-    def capture(layer: int):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if anchor_of[layer] == layer:
-                anchor_input.clear()
-                anchor_input[layer] = hidden.detach()
-            else:
-                group = cfg.commonkv_group(layer)
-                cos = nn.functional.cosine_similarity(hidden.float(), anchor_input[anchor_of[layer]].float(), dim=-1)
-                sums[group] += cos.sum().item()
-                counts[group] += cos.numel()
-        return hook
+    def visit(step: LayerPass) -> None:
+        if anchor_of[step.index] == step.index:
+            anchor_input.clear()
+            anchor_input[step.index] = step.input
+            return
+        group = cfg.commonkv_group(step.index)
+        cos = nn.functional.cosine_similarity(step.input, anchor_input[anchor_of[step.index]], dim=-1)
+        sums[group] += cos.sum().item()
+        counts[group] += cos.numel()
 
-    hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(source.model.layers)]
-    try:
-        source.model(ids, use_cache=False)  # the decoder stack only: no logits over the vocabulary
-    finally:
-        for h in hooks:
-            h.remove()
-    return [total / count if count else 1.0 for total, count in zip(sums, counts)]
+    run_source(source, ids, visit)
+    return [total / count if count else 1.0 for total, count in zip(sums, counts)]  # a one-layer group merges nothing
 
 
 def adaptive_ranks(cfg: SharedKVConfig, similarity: list[float]) -> list[int]:

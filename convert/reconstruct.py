@@ -17,10 +17,11 @@ SVD); everything else is frozen. Each Adam step sees a batch of calibration sequ
 pool (``--calib-tokens``) can be much larger than a batch: with the ~0.7M parameters of a
 SmolLM2 layer, 2,048 tokens are fitted far better than held-out text is.
 
-The source activations (2 x layers x tokens x hidden floats: 141 MB for SmolLM2 at 2,048
-tokens) stay on the host; the layer being fitted moves its own to the device (GPU when there is
-one). Above SPILL_ABOVE_BYTES they live in memory-mapped files in a temporary folder beside the
-output, which the kernel can page out.
+Source and target are LayerwiseModels (convert/layerwise.py): one layer of each is in memory at
+a time. The source activations ((2 x layers + 1) x tokens x hidden floats: 2.3 GB for SmolLM2 at
+the default 16,384 tokens) stay on the host; the layer being fitted moves its own to the device
+(GPU when there is one). Above SPILL_ABOVE_BYTES they live in memory-mapped files in a temporary
+folder beside the output, which the kernel can page out.
 """
 from __future__ import annotations
 
@@ -33,11 +34,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
 from common.console import progress
 
-from .calibrate import SOURCE_CHUNK
+from .layerwise import LayerPass, LayerwiseModel, PoolContext, call_layer, pool_context
 
 SPILL_ABOVE_BYTES = 2 << 30  # source activations larger than this go to memory-mapped files
 
@@ -78,52 +78,26 @@ def host_buffer(shape: tuple[int, ...], spill_dir: Path | None, name: str) -> to
     return torch.from_file(str(spill_dir / name), shared=True, size=math.prod(shape)).view(shape)
 
 
-@torch.no_grad()
-def source_activations(source: nn.Module, ids: torch.Tensor,
-                       spill_dir: Path | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Hidden states entering every source layer (plus the last output) and every attention
-    output, on the host (RAM or spill_dir); each fitted layer moves only its own to the device."""
-    layers = source.model.layers
-    shape = (*ids.shape, source.config.hidden_size)
-    hidden = [host_buffer(shape, spill_dir, f"hidden-{i}") for i in range(len(layers) + 1)]
-    attn_out = [host_buffer(shape, spill_dir, f"attn-{i}") for i in range(len(layers))]
-    rows = slice(0, 0)  # the calibration sequences of the chunk running now
+class SourceActivations:
+    """Every source layer's input (plus the last output) and attention output over the pool, on the
+    host (RAM or spill_dir), filled by `store` from run_source; each fitted layer moves its own to the device."""
 
-    def store(buffer: torch.Tensor, value: torch.Tensor) -> None:
-        buffer[rows].copy_(value[0] if isinstance(value, tuple) else value)
+    def __init__(self, config, ids: torch.Tensor, spill_dir: Path | None = None):
+        shape = (*ids.shape, config.hidden_size)
+        self.hidden = [host_buffer(shape, spill_dir, f"hidden-{i}") for i in range(config.num_hidden_layers + 1)]
+        self.attention = [host_buffer(shape, spill_dir, f"attn-{i}") for i in range(config.num_hidden_layers)]
 
-    hooks = []
-    for i, layer in enumerate(layers):
-        hooks.append(layer.register_forward_pre_hook(
-            lambda m, args, kw, i=i: store(hidden[i], args[0] if args else kw["hidden_states"]), with_kwargs=True))
-        hooks.append(layer.self_attn.register_forward_hook(lambda m, args, out, i=i: store(attn_out[i], out)))
-    hooks.append(layers[-1].register_forward_hook(lambda m, args, out: store(hidden[-1], out)))
-    try:
-        for start in range(0, len(ids), SOURCE_CHUNK):  # the base model only: a large pool's logits would not fit
-            rows = slice(start, start + SOURCE_CHUNK)
-            source.model(ids[rows], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return hidden, attn_out
-
-
-def _layer_forward(model: nn.Module, index: int, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
-    return model.model.layers[index](hidden, attention_mask=ctx["mask"], position_embeddings=ctx["rope"],
-                                     position_ids=ctx["positions"], shared_kv=ctx["shared_kv"], use_cache=False)
-
-
-def _attention(model: nn.Module, index: int, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
-    layer = model.model.layers[index]
-    out, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=ctx["rope"],
-                             attention_mask=ctx["mask"], shared_kv=ctx["shared_kv"])
-    return out
+    def store(self, step: LayerPass) -> None:
+        self.hidden[step.index].copy_(step.input)
+        self.attention[step.index].copy_(step.attention)
+        if step.index == len(self.attention) - 1:
+            self.hidden[-1].copy_(step.output)
 
 
 @contextlib.contextmanager
 def spill_folder(source_config, ids: torch.Tensor, near: Path) -> Iterator[Path | None]:
     """A temporary folder beside `near` for the source activations when they exceed SPILL_ABOVE_BYTES, else None."""
-    buffers = 2 * source_config.num_hidden_layers + 1  # source_activations: each layer's input and attention, the output
+    buffers = 2 * source_config.num_hidden_layers + 1  # SourceActivations: each layer's input and attention, the output
     needed = buffers * ids.numel() * source_config.hidden_size * 4
     if needed <= SPILL_ABOVE_BYTES:
         yield None
@@ -133,44 +107,40 @@ def spill_folder(source_config, ids: torch.Tensor, near: Path) -> Iterator[Path 
         yield Path(folder)
 
 
-def reconstruct(source: nn.Module, target: nn.Module, ids: torch.Tensor,
-                options: ReconstructOptions = ReconstructOptions(), spill_dir: Path | None = None) -> list[LayerFit]:
-    """Fit target's changed layers in place against source on token ids (batch, seq); returns
-    per-layer errors. The source activations live in RAM, or in spill_dir when one is given."""
+def reconstruct(source: SourceActivations, target: LayerwiseModel, ids: torch.Tensor,
+                options: ReconstructOptions = ReconstructOptions()) -> tuple[list[LayerFit], dict[str, torch.Tensor]]:
+    """Fit target's changed layers against the source's activations on token ids (batch, seq), one
+    target layer in memory at a time; returns per-layer errors and the fitted tensors (on the CPU)."""
     if options.mode not in ("sequential", "independent"):
         raise ValueError(f"unknown reconstruct mode {options.mode!r}")
     torch.manual_seed(options.seed)
     config = target.config
-    src_hidden, src_attn = source_activations(source, ids, spill_dir)
-    target.eval()
-    for p in target.parameters():
-        p.requires_grad_(False)
-
-    positions = torch.arange(ids.shape[1], device=ids.device)[None]
-    embeds = target.model.embed_tokens(ids)
-    ctx = {
-        "positions": positions,
-        "rope": target.model.rotary_emb(embeds, position_ids=positions),
-        # one sequence's mask broadcasts over any batch of calibration sequences
-        "mask": create_causal_mask(config=config, inputs_embeds=embeds[:1], attention_mask=None,
-                                   past_key_values=None, position_ids=positions),
-        "shared_kv": {},
-    }
+    hidden = target.embed(ids)
+    ctx = pool_context(target, hidden)
+    shared_kv: dict = {}  # the storing layers' K/V over the whole pool, published by their forward pass
     changed = [i for i in range(config.num_hidden_layers) if config.layer_role(i) != "store"]
     fits: list[LayerFit] = []
-    hidden = embeds
+    fitted: dict[str, torch.Tensor] = {}
     with progress() as bar:
         task = bar.add_task(f"reconstruct ({options.mode})", total=len(changed) * options.steps)
         for i in range(config.num_hidden_layers):
             role = config.layer_role(i)
-            layer_input = hidden if options.mode == "sequential" else src_hidden[i].to(ids.device)
-            if role != "store":
-                fits.append(_fit_layer(target, i, role, layer_input, src_hidden, src_attn, ctx, options, bar, task))
-            with torch.no_grad():  # storage layers publish their K/V into ctx["shared_kv"] here
-                hidden = _layer_forward(target, i, layer_input, ctx)
-    for p in target.parameters():
-        p.requires_grad_(True)
-    return fits
+            layer_input = hidden if options.mode == "sequential" else source.hidden[i].to(ids.device)
+            with target.layer(i) as layer:
+                layer.requires_grad_(False)
+                if role != "store":
+                    fits.append(_fit_layer(layer, i, role, layer_input, source, ctx, shared_kv, options, bar, task))
+                    fitted.update((f"model.layers.{i}.self_attn.{name}", p.detach().to("cpu", copy=True))
+                                  for name, p in layer.self_attn.named_parameters() if name.split(".")[0] in FITTED_PARAMS[role])
+                with torch.no_grad():  # storage layers publish their K/V into shared_kv here
+                    hidden = call_layer(layer, layer_input, ctx, shared_kv=shared_kv)
+    return fits, fitted
+
+
+def _attention(layer: nn.Module, hidden: torch.Tensor, ctx: PoolContext, shared_kv: dict) -> torch.Tensor:
+    out, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=ctx.rope,
+                             attention_mask=ctx.mask, shared_kv=shared_kv)
+    return out
 
 
 def _batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor | slice]:
@@ -184,26 +154,26 @@ def _batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Te
         yield from order[: n - n % size].split(size)
 
 
-def _select(ctx: dict, idx: torch.Tensor | slice) -> dict:
-    """ctx for a batch of the calibration sequences: the published K/V of those sequences."""
+def _select(shared_kv: dict, idx: torch.Tensor | slice) -> dict:
+    """The published K/V of a batch of the calibration sequences."""
     if isinstance(idx, slice):
-        return ctx
-    return {**ctx, "shared_kv": {layer: tuple(t if t is None else t[idx] for t in kv) for layer, kv in ctx["shared_kv"].items()}}
+        return shared_kv
+    return {layer: tuple(t if t is None else t[idx] for t in kv) for layer, kv in shared_kv.items()}
 
 
-def _fit_layer(target, i, role, layer_input, src_hidden, src_attn, ctx, options, bar, task) -> LayerFit:
-    attn = target.model.layers[i].self_attn
+def _fit_layer(layer, i, role, layer_input, source, ctx, shared_kv, options, bar, task) -> LayerFit:
+    attn = layer.self_attn
     params = [p for name, p in attn.named_parameters() if name.split(".")[0] in FITTED_PARAMS[role]]
     for p in params:
         p.requires_grad_(True)
     # Both modes fit the attention output; sequential mode also asks it to cancel the drift that
     # the converted layers below left in its input, so the residual stream after this attention
     # lands where the source's did: h_conv + attn(h_conv) = h_src + attn_src.
-    source_out = src_attn[i].to(layer_input.device)
-    target_out = source_out + (src_hidden[i].to(layer_input.device) - layer_input if options.mode == "sequential" else 0)
+    source_out = source.attention[i].to(layer_input.device)
+    target_out = source_out + (source.hidden[i].to(layer_input.device) - layer_input if options.mode == "sequential" else 0)
 
     def error(idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        pred = _attention(target, i, layer_input[idx], _select(ctx, idx))
+        pred = _attention(layer, layer_input[idx], ctx, _select(shared_kv, idx))
         return normalized_mse(pred, target_out[idx], source_out[idx].pow(2).sum())
 
     with torch.no_grad():

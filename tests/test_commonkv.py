@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from convert.commonkv import adaptive_ranks, group_factors, group_similarity
+from convert.layerwise import LayerwiseModel
 from models import SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes
 from tests.test_models import VOCAB, incremental_logits, random_source
 
@@ -98,7 +99,8 @@ def test_adaptive_budget_gives_more_rank_to_the_less_similar_group():
         source.model.layers[0].mlp.down_proj.weight.zero_()
         source.model.layers[2].mlp.down_proj.weight.normal_(0, 5.0)  # ... and layer 2 changes it a lot
     cfg = SharedKVConfig.from_source(source.config, "commonkv", commonkv_ratio=0.5)
-    similarity = group_similarity(source, cfg, IDS)
+    state = source.state_dict()
+    similarity = group_similarity(LayerwiseModel.build(lambda: type(source)(source.config), state.__getitem__, "cpu"), cfg, IDS)
     assert similarity[0] == pytest.approx(1.0, abs=1e-5) and similarity[1] < 0.9
     ranks = adaptive_ranks(cfg, similarity)
     assert ranks[1] > ranks[0] and sum(ranks) == sum(cfg.commonkv_ranks) == cfg.commonkv_budget

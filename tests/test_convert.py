@@ -184,6 +184,23 @@ def test_reconstruct_lowers_error_and_loss_and_is_deterministic(make_source, cli
     assert distance["r1"] < 0.5 * distance["copy"]
 
 
+def test_fits_hold_one_layer_of_each_model_at_a_time(make_source, cli, tmp_path, monkeypatch):
+    from convert.layerwise import LayerwiseModel
+
+    built = []
+    build = LayerwiseModel.build.__func__
+    monkeypatch.setattr(LayerwiseModel, "build", classmethod(lambda cls, *a: built.append(build(cls, *a)) or built[-1]))
+    src = make_source(layers=6)
+    assert cli("convert", "--source", src, "--init", "reconstruct", "--calib-tokens", 256, "--reconstruct-steps", 2,
+               "--out", tmp_path / "fit") == 0
+    assert len(built) == 2  # one source pass feeds the calibrated and the reconstruct fit; then the target
+    for model in built:
+        parts = [model.model.model.embed_tokens, *model.model.model.layers]
+        assert model.most_filled == 1  # the embedding or one decoder layer, never two of them
+        assert 0 < model.peak_resident <= max(sum(p.numel() for p in part.parameters()) for part in parts)
+        assert all(p.is_meta for p in model.model.parameters())  # emptied again afterwards
+
+
 def test_reconstruct_spilled_activations_give_the_same_checkpoint(make_source, cli, tmp_path, monkeypatch):
     """A calibration pool of several batches, its source activations in RAM or spilled to memory-mapped
     files: the same bytes either way, and no spill folder left behind."""
