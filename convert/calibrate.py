@@ -36,18 +36,28 @@ class CalibratedFit:
 
 
 @torch.no_grad()
-def layer_kv(step: LayerPass) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-RoPE keys and values of one source layer over the pool, each (batch, kv_heads, seq, head_dim)."""
+def layer_kv(step: LayerPass, keys: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Post-RoPE keys (None unless asked) and values of one source layer over the pool, each
+    (batch, kv_heads, seq, head_dim)."""
     attn = step.layer.self_attn
     x = step.layer.input_layernorm(step.input)
-    k = attn.k_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
     v = attn.v_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+    if not keys:
+        return None, v
+    k = attn.k_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
     return rope(k, *step.ctx.rope), v
 
 
-def needs_kv(cfg: SharedKVConfig) -> bool:
-    """Whether the layout has a closed-form fit (FusedKV's gates, SkipV1's heads) that reads the source's K/V."""
-    return cfg.kv_layout in ("fusedkv", "skipv1")
+def kv_read(cfg: SharedKVConfig) -> dict[int, bool]:
+    """The source layers whose K/V the closed-form fit reads, each with whether it reads their keys:
+    FusedKV the bottom, middle and top layers' keys and values, SkipV1 every layer's values, the
+    other layouts nothing. Only these are kept over the whole pool."""
+    if cfg.kv_layout == "fusedkv":
+        fused = [i for i in range(cfg.num_hidden_layers) if cfg.layer_role(i) == "fused"]
+        return dict.fromkeys([0, cfg.middle_layer, *fused], True)
+    if cfg.kv_layout == "skipv1":
+        return dict.fromkeys(range(cfg.num_hidden_layers), False)
+    return {}
 
 
 def relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -70,7 +80,7 @@ def pairs(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (2, x.shape[-1] // 2))
 
 
-def fit_fusedkv(cfg: SharedKVConfig, kv: list) -> CalibratedFit:
+def fit_fusedkv(cfg: SharedKVConfig, kv: dict) -> CalibratedFit:
     (k0, v0), (km, vm) = kv[0], kv[cfg.middle_layer]
     tensors, report = {}, []
     for i in range(cfg.num_hidden_layers):
@@ -99,7 +109,7 @@ def skipv1_value_error(v0: torch.Tensor, vi: torch.Tensor, own: list[int], partn
     return relative_error(approx, vi)
 
 
-def fit_skipv1(cfg: SharedKVConfig, kv: list, auto_heads: bool, mean_init: bool) -> CalibratedFit:
+def fit_skipv1(cfg: SharedKVConfig, kv: dict, auto_heads: bool, mean_init: bool) -> CalibratedFit:
     v0 = kv[0][1]
     heads, report = [list(range(cfg.num_key_value_heads))], []
     for i in range(1, cfg.num_hidden_layers):
@@ -116,10 +126,10 @@ def fit_skipv1(cfg: SharedKVConfig, kv: list, auto_heads: bool, mean_init: bool)
     return CalibratedFit({}, heads, report)
 
 
-def calibrate(cfg: SharedKVConfig, kv: list[tuple[torch.Tensor, torch.Tensor]], auto_heads: bool = False,
+def calibrate(cfg: SharedKVConfig, kv: dict[int, tuple[torch.Tensor | None, torch.Tensor]], auto_heads: bool = False,
               mean_init: bool = True) -> CalibratedFit:
-    """Fit the layout's new tensors on the source's K/V (layer_kv of every layer); mean_init says
-    how copy init set SkipV1's own heads."""
+    """Fit the layout's new tensors on the source's K/V (layer_kv of the layers kv_read names);
+    mean_init says how copy init set SkipV1's own heads."""
     if cfg.kv_layout == "fusedkv":
         return fit_fusedkv(cfg, kv)
     if cfg.kv_layout == "skipv1":

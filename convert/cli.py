@@ -187,24 +187,25 @@ def fit(plan: Plan, source: TensorSource, source_path: Path, out: Path, opts: di
 
     Returns the plan with fitted tensors (and, with --skipv1-heads auto, the chosen heads) and the
     per-layer report of the last fit."""
-    from .calibrate import calibrate, layer_kv, needs_kv
+    from .calibrate import calibrate, kv_read, layer_kv
     from .reconstruct import ReconstructOptions, SourceActivations, fits_as_dicts, reconstruct, spill_folder
 
     device = fit_device(opts)
     ids = calibration_ids(source_path, opts).to(device)
     reconstructing = opts["init"] == "reconstruct"
-    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    read = kv_read(plan.config)
+    kv: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
     spill = spill_folder(source.config, ids, near=out.parent) if reconstructing else contextlib.nullcontext()
     with spill as spill_dir:
         activations = SourceActivations(source.config, ids, spill_dir) if reconstructing else None
 
         def visit(step: LayerPass) -> None:
-            if needs_kv(plan.config):
-                kv.append(layer_kv(step))
+            if step.index in read:
+                kv[step.index] = layer_kv(step, keys=read[step.index])
             if activations is not None:
                 activations.store(step)
 
-        if needs_kv(plan.config) or reconstructing:
+        if read or reconstructing:
             run_source(source_layerwise(source, device), ids, visit)
         calibrated = calibrate(plan.config, kv, auto_heads=opts["skipv1_heads"] == "auto",
                                mean_init=opts["skipv1_init"] == "mean")
