@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -26,14 +26,10 @@ import torch
 from common.errors import UserError
 from common.sources import is_gguf
 
-from .writer import SAFETENSORS_DTYPES
+from .writer import SAFETENSORS_DTYPES, Sink
 
 CHUNK_BYTES = 4 << 20  # stays in the CPU cache from the read to the hash and the write; small next to a real model's tensors
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-
-# Where a copied tensor's pieces go: sink(index of the piece's first element, flat piece). A piece is
-# only valid during the call (its buffer is reused).
-Sink = Callable[[int, torch.Tensor], None]
 
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 PICKLE_HINT = (

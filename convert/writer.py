@@ -31,6 +31,10 @@ from common.errors import UserError
 # against 1.1-1.9 s for 64-512 KiB calls (1 MiB: 7.1 s).
 WRITE_BYTES = 256 << 10
 
+# Where a copied tensor's pieces go: sink(index of the piece's first element, flat piece). A piece is
+# only valid during the call (its buffer is reused). ShardWriter.sink makes them; a source's scan feeds them.
+Sink = Callable[[int, torch.Tensor], None]
+
 SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
@@ -132,7 +136,7 @@ class ShardWriter:
         if self.written[name] == place.nbytes:
             self.on_tensor()
 
-    def sink(self, name: str) -> Callable[[int, torch.Tensor], None]:
+    def sink(self, name: str) -> Sink:
         """put for one tensor, as the source scan calls it."""
         return functools.partial(self.put, name)
 
