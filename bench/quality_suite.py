@@ -6,8 +6,8 @@ them at a time: on one GPU the 135M model leaves the card mostly idle, so stream
 finish in a fraction of the serial time (their convert_seconds then include the contention).
 Merges the streams' results into init_quality<suffix>.json and quality_per_compute<suffix>.json/.png.
 
-    python bench/quality_suite.py --suffix _cuda --jobs 6      # GPU: a few minutes
-    python bench/quality_suite.py                              # CPU: hours on 2 cores
+    python bench/quality_suite.py --suffix _cuda    # GPU: every stream at once, a few minutes
+    python bench/quality_suite.py                   # CPU: one stream at a time, hours on 2 cores
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def merge(names: list[str], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", default=",".join(STREAMS), help=f"subset of {','.join(STREAMS)}")
-    parser.add_argument("--jobs", type=int, default=1, help="streams run side by side")
+    parser.add_argument("--jobs", type=int, help="streams run side by side (default: all of them on a GPU, one on a CPU)")
     parser.add_argument("--suffix", default="", help="result names: init_quality<suffix>.json, ...")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=10)
@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(STREAMS))
     if unknown:
         parser.error(f"unknown streams {unknown}: choose from {','.join(STREAMS)}")
+    if args.jobs is None:
+        import torch
+
+        args.jobs = len(names) if torch.cuda.is_available() else 1
     failed = []
     if not args.merge_only:
         with ThreadPoolExecutor(args.jobs) as pool:
