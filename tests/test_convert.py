@@ -184,15 +184,18 @@ def test_reconstruct_lowers_error_and_loss_and_is_deterministic(make_source, cli
     assert distance["r1"] < 0.5 * distance["copy"]
 
 
-def test_fits_hold_one_layer_of_each_model_at_a_time(make_source, cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_fits_hold_one_layer_of_each_model_at_a_time(make_source, cli, tmp_path, monkeypatch, family):
     from convert.layerwise import LayerwiseModel
 
     built = []
     build = LayerwiseModel.build.__func__
     monkeypatch.setattr(LayerwiseModel, "build", classmethod(lambda cls, *a: built.append(build(cls, *a)) or built[-1]))
-    src = make_source(layers=6)
-    assert cli("convert", "--source", src, "--init", "reconstruct", "--calib-tokens", 256, "--reconstruct-steps", 2,
+    src = make_source(layers=6, family=family)
+    assert cli("convert", "--source", src, "--init", "reconstruct", "--calib-tokens", 256, "--reconstruct-steps", 40,
                "--out", tmp_path / "fit") == 0
+    fit = json.loads((tmp_path / "fit" / "conversion.json").read_text())["fit"]
+    assert all(f["error_after"] < f["error_before"] for f in fit)  # the layer-at-a-time fit works for every family
     assert len(built) == 2  # one source pass feeds the calibrated and the reconstruct fit; then the target
     for model in built:
         parts = [model.model.model.embed_tokens, *model.model.model.layers]
