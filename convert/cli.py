@@ -181,17 +181,15 @@ def fit_device(opts: dict) -> torch.device:
     return torch.device("cuda" if opts["device"] != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def fit(plan: Plan, source: TensorSource, source_path: Path, out: Path, opts: dict) -> tuple[Plan, list[dict]]:
+def fit(plan: Plan, source: TensorSource, ids: torch.Tensor, out: Path, opts: dict) -> tuple[Plan, list[dict]]:
     """Calibrated fit, and for reconstruct the layer-wise training that starts from it. One pass of
     the source over the calibration pool feeds both; source and target have one layer in memory at a time.
 
     Returns the plan with fitted tensors (and, with --skipv1-heads auto, the chosen heads) and the
-    per-layer report of the last fit."""
+    per-layer report of the last fit. ids: the calibration tokens, on the device the fit runs on."""
     from .calibrate import calibrate, kv_read, layer_kv
     from .reconstruct import ReconstructOptions, SourceActivations, fits_as_dicts, reconstruct, spill_folder
 
-    device = fit_device(opts)
-    ids = calibration_ids(source_path, opts).to(device)
     reconstructing = opts["init"] == "reconstruct"
     read = kv_read(plan.config)
     kv: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
@@ -206,7 +204,7 @@ def fit(plan: Plan, source: TensorSource, source_path: Path, out: Path, opts: di
                 activations.store(step)
 
         if read or reconstructing:
-            run_source(source_layerwise(source, device), ids, visit)
+            run_source(source_layerwise(source, ids.device), ids, visit)
         calibrated = calibrate(plan.config, kv, auto_heads=opts["skipv1_heads"] == "auto",
                                mean_init=opts["skipv1_init"] == "mean")
         kv.clear()  # the closed-form fit was their only reader
@@ -219,20 +217,18 @@ def fit(plan: Plan, source: TensorSource, source_path: Path, out: Path, opts: di
             return plan, calibrated.report
         options = ReconstructOptions(steps=opts["reconstruct_steps"], lr=opts["reconstruct_lr"],
                                      mode=opts["reconstruct_mode"], seed=opts["seed"])
-        fits, fitted = reconstruct(activations, target_layerwise(plan, source, device), ids, options)
+        fits, fitted = reconstruct(activations, target_layerwise(plan, source, ids.device), ids, options)
     report = fits_as_dicts(fits)
     fit_table(report, "reconstruction: normalized MSE of each layer's attention output, before -> after")
     mark_fitted(plan, fitted)
     return plan, report
 
 
-def commonkv_budget(plan: Plan, source: TensorSource, source_path: Path, opts: dict) -> tuple[Plan, list[dict]]:
-    """CommonKV ranks per group from the source's hidden-state similarity on calibration text."""
+def commonkv_budget(plan: Plan, source: TensorSource, ids: torch.Tensor) -> tuple[Plan, list[dict]]:
+    """CommonKV ranks per group from the source's hidden-state similarity on the calibration tokens ids."""
     from .commonkv import adaptive_ranks, budget_table, group_similarity
 
-    device = fit_device(opts)
-    ids = calibration_ids(source_path, opts).to(device)
-    similarity = group_similarity(source_layerwise(source, device), plan.config, ids)
+    similarity = group_similarity(source_layerwise(source, ids.device), plan.config, ids)
     ranks = adaptive_ranks(plan.config, similarity)
     report = [{"group": g, "layers": layers, "similarity": s, "rank_uniform": u, "rank": r} for g, (layers, s, u, r)
               in enumerate(zip(plan.config.commonkv_groups, similarity, plan.config.commonkv_ranks, ranks))]
@@ -298,11 +294,14 @@ def convert(opts: dict) -> int:
     if out.exists() and not opts["force"]:
         raise UserError(f"{out} already exists; pass --force to replace it")
     fit_report = []
-    if opts["layout"] == "commonkv" and opts["commonkv_budget"] == "adaptive":  # first: ranks set the factors' shapes
-        plan, fit_report = commonkv_budget(plan, source, source_path, opts)
-    if opts["init"] != "copy":
-        plan, layer_fits = fit(plan, source, source_path, out, opts)
-        fit_report = fit_report + layer_fits
+    budget = opts["layout"] == "commonkv" and opts["commonkv_budget"] == "adaptive"
+    if budget or opts["init"] != "copy":  # both read the calibration tokens: tokenized once (seconds for a GGUF)
+        ids = calibration_ids(source_path, opts).to(fit_device(opts))
+        if budget:  # first: the ranks set the factors' shapes
+            plan, fit_report = commonkv_budget(plan, source, ids)
+        if opts["init"] != "copy":
+            plan, layer_fits = fit(plan, source, ids, out, opts)
+            fit_report = fit_report + layer_fits
 
     with atomic_folder(out, opts["force"]) as tmp, progress() as bar:
         task = bar.add_task("writing tensors", total=len(plan.mappings))

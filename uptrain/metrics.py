@@ -58,7 +58,7 @@ def plot_eval_curves(runs: dict[str, list[dict]], path: Path, title: str) -> Non
         ax.plot([r["tokens"] for r in evals], [r["eval_ppl"] for r in evals], marker="o", label=name,
                 color=colours[k % len(colours)], linestyle="--" if name == "control" else "-")
     ax.set(xlabel="uptraining tokens", ylabel="held-out perplexity", yscale="log", title=title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small") if many else ax.legend()
+    ax.legend(**({"loc": "upper left", "bbox_to_anchor": (1.01, 1), "fontsize": "small"} if many else {}))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
