@@ -9,21 +9,28 @@ import argparse
 import contextlib
 import json
 import shutil
+from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
 
 from common.console import console, progress
 from common.errors import UserError
 from common.sources import default_wikitext, is_gguf, load_tokenizer, resolve_model_path
-from models import AUTO_MAP, LAYOUTS, SharedKVConfig, write_model_code
+from models import AUTO_MAP, LAYOUTS, write_model_code
+from models.kv_layout import source_fields
 
-from .layerwise import LayerPass, LayerwiseModel, run_source
-from .plan import Plan, build_plan, mark_fitted, materialize, stream
+from .dtypes import ITEMSIZE, NAMES, TORCH_NAMES
+from .plan import Plan, TargetConfig, build_plan, mark_fitted, materialize, stream
 from .report import dry_run_table, fit_table, manifest
 from .source import TensorSource, open_source
 from .writer import atomic_folder, open_shards, parse_size
+
+if TYPE_CHECKING:  # torch and the models come in only where a conversion computes (a copy needs neither)
+    import torch
+
+    from .layerwise import LayerPass, LayerwiseModel
 
 INITS = ("copy", "calibrated", "reconstruct")
 # options with a fixed set of values: checked the same way whether they come from a flag or the plan
@@ -127,26 +134,29 @@ def with_layout_defaults(opts: dict) -> dict:
     return {**opts, **{key: value for key, value in defaults.items() if opts[key] is None}}
 
 
-def layout_config(source: TensorSource, opts: dict) -> SharedKVConfig:
-    cfg = source.config
-    kwargs = {}
-    if opts["storage_layers"] is not None:
-        kwargs["num_storage_layers"] = opts["storage_layers"]
-    if opts["skipv1_own_heads"] is not None:
-        r = opts["skipv1_own_heads"]
-        kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        if not 0 <= r <= kv:
-            raise UserError(f"--skipv1-own-heads must be in 0..{kv}, got {r}")
-        kwargs["skipv1_own_heads"] = [list(range(kv))] + [list(range(r))] * (cfg.num_hidden_layers - 1)
-    if opts["layout"] == "commonkv":
-        kwargs.update(commonkv_ratio=opts["ratio"], commonkv_group_size=opts["commonkv_group_size"])
+def layout_config(source: TensorSource, opts: dict) -> TargetConfig:
     try:
-        return SharedKVConfig.from_source(cfg, opts["layout"], **kwargs)
-    except ValueError as err:
+        fields = source_fields(source.fields, source.model_type)
+        kwargs = {"kv_layout": opts["layout"], "source_model_type": source.model_type}
+        if opts["storage_layers"] is not None:
+            kwargs["num_storage_layers"] = opts["storage_layers"]
+        if opts["skipv1_own_heads"] is not None:
+            r, kv = opts["skipv1_own_heads"], fields["num_key_value_heads"]
+            if not 0 <= r <= kv:
+                raise UserError(f"--skipv1-own-heads must be in 0..{kv}, got {r}")
+            kwargs["skipv1_own_heads"] = [list(range(kv))] + [list(range(r))] * (fields["num_hidden_layers"] - 1)
+        if opts["layout"] == "commonkv":
+            kwargs.update(commonkv_ratio=opts["ratio"], commonkv_group_size=opts["commonkv_group_size"])
+        return TargetConfig(**fields, **kwargs)
+    except (ValueError, TypeError) as err:
         raise UserError(str(err)) from err
+    except KeyError as err:
+        raise UserError(f"the source config has no {err.args[0]}") from err
 
 
 def calibration_ids(source_path: Path, opts: dict) -> torch.Tensor:
+    import torch
+
     path = Path(opts["calib_text"]) if opts["calib_text"] else default_wikitext("valid")
     if not path.is_file():
         raise UserError(f"calibration text {path} does not exist")
@@ -163,6 +173,8 @@ def source_layerwise(source: TensorSource, device: torch.device) -> LayerwiseMod
     """The source model, one layer in memory at a time, read from its checkpoint on demand."""
     from transformers import AutoModelForCausalLM
 
+    from .layerwise import LayerwiseModel
+
     return LayerwiseModel.build(lambda: AutoModelForCausalLM.from_config(source.config), source.get, device)
 
 
@@ -170,12 +182,16 @@ def target_layerwise(plan: Plan, source: TensorSource, device: torch.device) -> 
     """The converted model, one layer in memory at a time, each tensor computed by its plan rule."""
     from models import SharedKVForCausalLM
 
+    from .layerwise import LayerwiseModel
+
     mappings = {m.target: m for m in plan.mappings}
-    return LayerwiseModel.build(lambda: SharedKVForCausalLM(plan.config),
+    return LayerwiseModel.build(lambda: SharedKVForCausalLM(plan.config.model_config()),
                                 lambda name: materialize(plan, source, mappings[name]), device)
 
 
 def fit_device(opts: dict) -> torch.device:
+    import torch
+
     if opts["device"] == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
     return torch.device("cuda" if opts["device"] != "cpu" and torch.cuda.is_available() else "cpu")
@@ -188,6 +204,7 @@ def fit(plan: Plan, source: TensorSource, ids: torch.Tensor, out: Path, opts: di
     Returns the plan with fitted tensors (and, with --skipv1-heads auto, the chosen heads) and the
     per-layer report of the last fit. ids: the calibration tokens, on the device the fit runs on."""
     from .calibrate import calibrate, kv_read, layer_kv
+    from .layerwise import run_source
     from .reconstruct import ReconstructOptions, SourceActivations, fits_as_dicts, reconstruct, spill_folder
 
     reconstructing = opts["init"] == "reconstruct"
@@ -209,8 +226,7 @@ def fit(plan: Plan, source: TensorSource, ids: torch.Tensor, out: Path, opts: di
                                mean_init=opts["skipv1_init"] == "mean")
         kv.clear()  # the closed-form fit was their only reader
         if calibrated.skipv1_own_heads is not None:  # SkipV1's least-squares own heads are the source's rows ("first")
-            cfg = SharedKVConfig(**{**plan.config.to_dict(), "skipv1_own_heads": calibrated.skipv1_own_heads})
-            plan = build_plan(source, cfg, "first")
+            plan = build_plan(source, plan.config.replace(skipv1_own_heads=calibrated.skipv1_own_heads), "first")
         mark_fitted(plan, calibrated.tensors)
         if not reconstructing:
             fit_table(calibrated.report, "calibration: relative K/V error per layer, copy init -> fitted")
@@ -233,13 +249,12 @@ def commonkv_budget(plan: Plan, source: TensorSource, ids: torch.Tensor) -> tupl
     report = [{"group": g, "layers": layers, "similarity": s, "rank_uniform": u, "rank": r} for g, (layers, s, u, r)
               in enumerate(zip(plan.config.commonkv_groups, similarity, plan.config.commonkv_ranks, ranks))]
     budget_table(report)
-    cfg = SharedKVConfig(**{**plan.config.to_dict(), "commonkv_ranks": ranks})
-    return build_plan(source, cfg), report
+    return build_plan(source, plan.config.replace(commonkv_ranks=ranks)), report
 
 
-def output_dtype(source: TensorSource, opts: dict) -> torch.dtype:
-    """--dtype, else the source's (a GGUF source is dequantized to float32)."""
-    return getattr(torch, opts["dtype"]) if opts["dtype"] else source.dtypes["model.embed_tokens.weight"]
+def output_dtype(source: TensorSource, opts: dict) -> str:
+    """--dtype, else the source's (a GGUF source is dequantized to float32), as a safetensors name."""
+    return NAMES[opts["dtype"]] if opts["dtype"] else source.dtypes["model.embed_tokens.weight"]
 
 
 def default_out(source_path: Path, opts: dict) -> Path:
@@ -258,12 +273,16 @@ def check_output(out: Path, source_path: Path, nbytes: int) -> None:
         raise UserError(f"not enough disk space in {probe}: the output needs ~{nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
 
 
-def write_extras(folder: Path, source: TensorSource, source_path: Path, cfg: SharedKVConfig, dtype: torch.dtype) -> None:
+def config_json(cfg: TargetConfig, dtype: str) -> str:
+    """The converted config.json: the source's fields and the layout's, and how to load them."""
+    extra = {"model_type": "sharedkv", "architectures": ["SharedKVForCausalLM"], "auto_map": AUTO_MAP,
+             "dtype": TORCH_NAMES[dtype], "transformers_version": version("transformers")}
+    return json.dumps({**cfg.to_dict(), **extra}, indent=2, sort_keys=True) + "\n"
+
+
+def write_extras(folder: Path, source: TensorSource, source_path: Path, cfg: TargetConfig, dtype: str) -> None:
     """config.json with auto_map, the modeling code, the tokenizer and generation config."""
-    cfg.architectures = ["SharedKVForCausalLM"]
-    cfg.auto_map = dict(AUTO_MAP)
-    cfg.dtype = str(dtype).removeprefix("torch.")
-    (folder / "config.json").write_text(cfg.to_json_string(use_diff=False))
+    (folder / "config.json").write_text(config_json(cfg, dtype))
     write_model_code(folder)
     if is_gguf(source_path):
         load_tokenizer(source_path).save_pretrained(folder)
@@ -290,7 +309,7 @@ def convert(opts: dict) -> int:
     if opts["dry_run"]:
         dry_run_table(plan, source, dtype)
         return 0
-    check_output(out, source_path, plan.param_count() * dtype.itemsize)
+    check_output(out, source_path, plan.param_count() * ITEMSIZE[dtype])
     if out.exists() and not opts["force"]:
         raise UserError(f"{out} already exists; pass --force to replace it")
     fit_report = []
@@ -308,7 +327,8 @@ def convert(opts: dict) -> int:
         with open_shards(tmp, [(m.target, m.shape) for m in plan.mappings], dtype, max_bytes,
                          on_tensor=lambda: bar.advance(task)) as shards:
             # copies go from the source's one read, which also hashes it, straight to their place
-            source_hash = source.scan({m.source: shards.sink(m.target) for m in plan.mappings if m.rule == "copy"})
+            source_hash = source.scan({m.source: shards.sink(m.target, source.dtypes[m.source])
+                                       for m in plan.mappings if m.rule == "copy"})
             for m in plan.mappings:
                 if m.rule != "copy":
                     shards.write(m.target, stream(plan, source, m))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from models import SharedKVConfig
-from models.configuration_sharedkv import allocate_ranks
+from models.kv_layout import allocate_ranks
 
 from .layerwise import LayerPass, LayerwiseModel, run_source
 

@@ -15,18 +15,53 @@ Source tensors that no target uses are listed as dropped.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from common.errors import UserError
-from models import SharedKVConfig
+from models.kv_layout import LAYOUT_FIELDS, KVLayout
 
-from . import commonkv
-from .source import TensorSource
+from .source import TensorSource, safetensors_name, tensor_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 FUSED_GATE_INIT = {"key_gate_bottom": 0.0, "key_gate_middle": 1.0, "value_gate_bottom": 1.0, "value_gate_middle": 0.0}
+
+
+class TargetConfig(KVLayout):
+    """The converted model's config as plain attributes: the source's fields plus the layout's,
+    what the plan, the report and config.json need. transformers' SharedKVConfig takes the same
+    fields (``model_config``) where a model is built; building this one imports nothing. Fields
+    the plan reads that a source may leave out take LlamaConfig's defaults, as SharedKVConfig's do
+    (tests/test_convert.py checks them against it)."""
+
+    attention_bias = False
+    mlp_bias = False
+    tie_word_embeddings = False
+
+    def __init__(self, **fields):
+        layout = {name: fields.pop(name) for name in LAYOUT_FIELDS if name in fields}
+        self.source_fields = fields
+        vars(self).update(fields)
+        self.set_layout(**layout)
+
+    def to_dict(self) -> dict:
+        return {**self.source_fields, **self.layout_fields()}
+
+    def replace(self, **layout) -> TargetConfig:
+        """The same config with some layout fields changed."""
+        return TargetConfig(**{**self.to_dict(), **layout})
+
+    def model_config(self):
+        """As transformers' SharedKVConfig, to build the model."""
+        from models import SharedKVConfig
+
+        return SharedKVConfig(**self.to_dict())
 
 
 @dataclass
@@ -43,7 +78,7 @@ class Mapping:
 
 @dataclass
 class Plan:
-    config: SharedKVConfig
+    config: TargetConfig
     mappings: list[Mapping]
     dropped: list[str]
     fitted: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -51,17 +86,10 @@ class Plan:
     svd_memo: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def param_count(self) -> int:
-        return sum(_numel(m.shape) for m in self.mappings)
+        return sum(math.prod(m.shape) for m in self.mappings)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def expected_source_shapes(cfg: SharedKVConfig) -> dict[str, tuple[int, ...]]:
+def expected_source_shapes(cfg: KVLayout) -> dict[str, tuple[int, ...]]:
     """Every tensor a Llama/Mistral/Qwen2 checkpoint of this config must hold, with its shape."""
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv, inter = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
@@ -85,7 +113,7 @@ def expected_source_shapes(cfg: SharedKVConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_source(source: TensorSource, cfg: SharedKVConfig) -> dict[str, tuple[int, ...]]:
+def check_source(source: TensorSource, cfg: TargetConfig) -> dict[str, tuple[int, ...]]:
     expected = expected_source_shapes(cfg)
     for key, shape in expected.items():
         if key not in source.shapes:
@@ -101,7 +129,7 @@ def skipv1_partners(own: list[int], kv_heads: int) -> list[int | None]:
     return [reused[j] if j < len(reused) else None for j in range(len(own))]
 
 
-def build_plan(source: TensorSource, cfg: SharedKVConfig, skipv1_init: str = "mean") -> Plan:
+def build_plan(source: TensorSource, cfg: TargetConfig, skipv1_init: str = "mean") -> Plan:
     expected = check_source(source, cfg)
     mappings: list[Mapping] = []
     used: set[str] = set()
@@ -127,6 +155,8 @@ def build_plan(source: TensorSource, cfg: SharedKVConfig, skipv1_init: str = "me
                 target = f"model.layers.{layer}.self_attn.{name}"
                 mappings.append(Mapping(target, "fill", (cfg.num_key_value_heads, width), None, {"value": value}))
     if cfg.kv_layout == "commonkv":
+        from . import commonkv
+
         for group in range(len(cfg.commonkv_groups)):
             sources = commonkv.source_keys(cfg, group)
             used.update(sources)
@@ -138,6 +168,8 @@ def build_plan(source: TensorSource, cfg: SharedKVConfig, skipv1_init: str = "me
 
 def materialize(plan: Plan, source: TensorSource, mapping: Mapping) -> torch.Tensor:
     """Compute one target tensor from its rule (reads one source tensor; svd reads its group's k/v)."""
+    import torch
+
     if mapping.target in plan.fitted:
         return plan.fitted[mapping.target]
     if mapping.rule == "copy":
@@ -154,6 +186,8 @@ def materialize(plan: Plan, source: TensorSource, mapping: Mapping) -> torch.Ten
             own = torch.stack(mixed) if mixed else own
         return own.flatten(0, 1)
     if mapping.rule == "svd":
+        from . import commonkv
+
         group = mapping.args["group"]
         if group not in plan.svd_memo:
             plan.svd_memo.clear()
@@ -162,15 +196,18 @@ def materialize(plan: Plan, source: TensorSource, mapping: Mapping) -> torch.Ten
     raise ValueError(f"unknown rule {mapping.rule}")
 
 
-def stream(plan: Plan, source: TensorSource, mapping: Mapping) -> Iterator[torch.Tensor]:
-    """One target tensor as flat pieces in order, computed whole. `run.py convert` asks this only for
-    the rules other than copy, which are small (gates, one layer's v_proj, one CommonKV group's
-    factors, fitted tensors already in memory); copies go to the writer piece by piece from the
-    source scan."""
+def stream(plan: Plan, source: TensorSource, mapping: Mapping) -> Iterator[tuple[str, np.ndarray]]:
+    """One target tensor as (dtype, raw bytes) pieces in order, computed whole. `run.py convert`
+    asks this only for the rules other than copy, which are small (gates, one layer's v_proj, one
+    CommonKV group's factors, fitted tensors already in memory); copies go to the writer piece by
+    piece from the source scan. A gate fill needs no torch."""
+    if mapping.rule == "fill":
+        yield "F32", np.full(math.prod(mapping.shape), mapping.args["value"], dtype=np.float32).view(np.uint8)
+        return
     tensor = materialize(plan, source, mapping)
     if tuple(tensor.shape) != tuple(mapping.shape):
         raise ValueError(f"rule {mapping.rule} made {mapping.target} {list(tensor.shape)}, the plan says {list(mapping.shape)}")
-    yield tensor.reshape(-1)
+    yield safetensors_name(tensor.dtype), tensor_bytes(tensor)
 
 
 def mark_fitted(plan: Plan, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,15 +1,17 @@
 """What a conversion tells the user: the dry-run table and the conversion.json manifest."""
 from __future__ import annotations
 
+import math
 from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
 
-import torch
 from rich.table import Table
 
 from common.console import console
 
-from .plan import Plan, _numel, expected_source_shapes
+from .dtypes import ITEMSIZE, TORCH_NAMES
+from .plan import Plan, expected_source_shapes
 from .source import TensorSource
 
 
@@ -17,7 +19,7 @@ def source_kv_bytes_per_token(cfg, bytes_per_element: int) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * bytes_per_element
 
 
-def dry_run_table(plan: Plan, source: TensorSource, dtype: torch.dtype) -> None:
+def dry_run_table(plan: Plan, source: TensorSource, dtype: str) -> None:
     cfg = plan.config
     table = Table(title=f"conversion plan: {cfg.source_model_type} -> {cfg.kv_layout}")
     for col in ("target", "rule", "source", "shape"):
@@ -29,8 +31,8 @@ def dry_run_table(plan: Plan, source: TensorSource, dtype: torch.dtype) -> None:
         table.add_row("-", "drop", key, "x".join(map(str, source.shapes[key])))
     console.print(table)
     rules = Counter(m.rule for m in plan.mappings)
-    element = dtype.itemsize
-    before = sum(_numel(s) for s in expected_source_shapes(cfg).values())  # a tied lm_head counts once
+    element = ITEMSIZE[dtype]
+    before = sum(math.prod(s) for s in expected_source_shapes(cfg).values())  # a tied lm_head counts once
     kv_before, kv_after = source_kv_bytes_per_token(cfg, element), cfg.kv_cache_bytes_per_token(element)
     summary = Table(title="summary", show_header=False)
     summary.add_row("tensors kept (copy)", str(rules["copy"]))
@@ -40,7 +42,7 @@ def dry_run_table(plan: Plan, source: TensorSource, dtype: torch.dtype) -> None:
         summary.add_row("tensors factored (svd; CommonKV ranks uniform until calibration)", str(rules["svd"]))
     summary.add_row("tensors dropped", str(len(plan.dropped)))
     summary.add_row("parameters", f"{before:,} -> {plan.param_count():,}")
-    summary.add_row(f"KV cache bytes/token ({str(dtype).removeprefix('torch.')})",
+    summary.add_row(f"KV cache bytes/token ({TORCH_NAMES[dtype]})",
                     f"{kv_before:,} -> {kv_after:,} ({100 * (1 - kv_after / kv_before):.1f}% saved)")
     console.print(summary)
 
@@ -57,24 +59,21 @@ def fit_table(rows: list[dict], title: str) -> None:
     console.print(table)
 
 
-def manifest(plan: Plan, source_path: Path, source_hash: dict, opts: dict, dtype: torch.dtype,
+def manifest(plan: Plan, source_path: Path, source_hash: dict, opts: dict, dtype: str,
              fit_report: list[dict]) -> dict:
     """conversion.json: the executed plan plus what is needed to reproduce or audit it."""
-    import safetensors
-    import transformers
-
-    element = dtype.itemsize
+    element = ITEMSIZE[dtype]
     return {
         "source": {"path": str(source_path), **source_hash, "model_type": plan.config.source_model_type},
         "layout": plan.config.kv_layout,
         "init": opts["init"],
         "options": {k: v for k, v in sorted(opts.items()) if k not in ("force", "dry_run", "out")},
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": TORCH_NAMES[dtype],
         "kv_cache_bytes_per_token": {"source": source_kv_bytes_per_token(plan.config, element),
                                      "converted": plan.config.kv_cache_bytes_per_token(element)},
         "mappings": [m.as_dict() for m in plan.mappings],
         "dropped": plan.dropped,
         "fit": fit_report,
-        "versions": {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
-                     "safetensors": safetensors.__version__, "kvshare-uptrain": "0.1.0"},
+        "versions": {"torch": version("torch").split("+")[0], "transformers": version("transformers"),
+                     "safetensors": version("safetensors"), "kvshare-uptrain": "0.1.0"},
     }

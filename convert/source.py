@@ -1,35 +1,48 @@
 """Source checkpoints: tensors by name, and one scan that hashes the files and feeds the copies.
 
-A folder of safetensors shards: every header is parsed and checked up front (byte ranges inside
-the file that do not overlap, known dtypes). ``scan`` then reads each shard once, front to back,
-in pieces of at most ``CHUNK_BYTES`` through two reused buffers (plain reads, no mmap, so touched
-pages do not pile up in RSS): every piece goes to the file's sha256, hashed in a thread of its own
-while the next piece is read, and every piece of a tensor the writer copies goes straight to the
-writer. Shards are scanned in parallel, one thread each, up to the number of cores. ``get`` reads
-one whole tensor, for the rules that compute from it. A GGUF file is dequantized through
+A folder of safetensors shards: config.json is read as JSON. transformers resolves it only when
+a Llama config.json leaves out a shape field (the default is transformers' to know), for the
+other families (their defaults differ from Llama's) and when a model is built (calibration), so a
+copy conversion of a Llama checkpoint imports neither transformers nor torch. Every header is
+parsed and checked up front (byte ranges inside the file that do not overlap, known dtypes).
+``scan`` then reads each shard once, front to back, in pieces of at most ``CHUNK_BYTES`` through
+two reused numpy buffers (plain reads, no mmap, so touched pages do not pile up in RSS): every
+piece goes to the file's sha256, hashed in a thread of its own while the next piece is read, and
+every piece of a tensor the writer copies goes straight to the writer as raw bytes. Shards are
+scanned in parallel, one thread each, up to the number of cores. ``get`` reads one whole tensor
+as a torch tensor, for the rules that compute from it. A GGUF file is dequantized through
 transformers' GGUF loader into memory (GGUF models are small, quantized files; the dequantized
 model must fit in RAM). Pickle checkpoints are refused, never unpickled.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
-import torch
+import numpy as np
 
 from common.errors import UserError
 from common.sources import is_gguf
+from models import SUPPORTED_SOURCE_TYPES
 
-from .writer import SAFETENSORS_DTYPES, Sink
+from .dtypes import ITEMSIZE, NAMES, TORCH_NAMES
+from .writer import Sink
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_BYTES = 4 << 20  # stays in the CPU cache from the read to the hash and the write; small next to a real model's tensors
-TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+# A Llama config.json that names these is complete for planning; the plan's other fields default
+# as in LlamaConfig (plan.TargetConfig).
+LLAMA_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 PICKLE_HINT = (
@@ -40,12 +53,22 @@ PICKLE_HINT = (
 
 
 class TensorSource:
-    """Name -> tensor access with shapes and dtypes known before any tensor is read."""
+    """Name -> tensor access with shapes and dtypes (safetensors names: F32, BF16, ...) known
+    before any tensor is read; the model's config as transformers' object (``config``, imports
+    transformers) and as plain fields (``fields``: what the plan needs, cheap where it can be)."""
 
-    config = None
+    model_type: str | None = None
     files: list[Path] = []
     shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, torch.dtype]
+    dtypes: dict[str, str]
+
+    @property
+    def config(self):
+        raise NotImplementedError
+
+    @property
+    def fields(self) -> dict:
+        return self.config.to_dict()
 
     def keys(self) -> list[str]:
         return list(self.shapes)
@@ -86,7 +109,8 @@ class TensorEntry(NamedTuple):
 class SafetensorsSource(TensorSource):
     def __init__(self, folder: Path):
         self.folder = folder
-        self.config = _load_config(folder)
+        self.raw_config = _read_config(folder)
+        self.model_type = self.raw_config.get("model_type")
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -118,13 +142,36 @@ class SafetensorsSource(TensorSource):
             if missing:
                 raise UserError(f"tensor {missing[0]} is listed in the index but not in shard {weight_map[missing[0]]}")
 
+    @functools.cached_property
+    def config(self):
+        """transformers' config object (imports transformers: seconds)."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(str(self.folder))
+        except (ValueError, KeyError, OSError) as err:
+            raise UserError(f"cannot read {self.folder / 'config.json'}: {str(err).splitlines()[0]}") from err
+
+    @functools.cached_property
+    def fields(self) -> dict:
+        """config.json as it stands for a complete Llama config (or an unsupported one, refused by
+        name later); otherwise resolved by transformers, whose config classes know the defaults."""
+        raw = self.raw_config
+        if self.model_type not in SUPPORTED_SOURCE_TYPES:
+            return dict(raw)
+        if self.model_type == "llama" and all(raw.get(k) is not None for k in LLAMA_REQUIRED):
+            return dict(raw)
+        return self.config.to_dict()
+
     def get(self, key: str) -> torch.Tensor:
+        import torch
+
         entry = self._entries[key]
         data = torch.empty(entry.nbytes, dtype=torch.uint8)
         with _open(entry.path, key) as fh:
             fh.seek(entry.offset)
-            _read_exactly(fh, data, entry.path, key)
-        return data.view(self.dtypes[key]).view(self.shapes[key])
+            _read_exactly(fh, data.numpy(), entry.path, key)
+        return data.view(getattr(torch, TORCH_NAMES[self.dtypes[key]])).view(self.shapes[key])
 
     def scan(self, sinks: dict[str, Sink]) -> dict:
         """One read of every shard, which feeds both its sha256 and the sinks (see the module docstring)."""
@@ -139,38 +186,37 @@ class SafetensorsSource(TensorSource):
     def _scan_file(self, path: Path, sinks: dict[str, Sink], stop: threading.Event) -> str:
         """sha256 of one shard, read front to back once; the pieces of tensors in sinks go to them on the way."""
         digest = hashlib.sha256()
-        buffers = [torch.empty(CHUNK_BYTES, dtype=torch.uint8) for _ in range(2)]
+        buffers = [np.empty(CHUNK_BYTES, dtype=np.uint8) for _ in range(2)]
         hashing: list[Future | None] = [None, None]  # the pending hash of each buffer
         try:
             with _open(path, None) as fh, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
-                for i, (key, size, first) in enumerate(self._pieces(path, os.fstat(fh.fileno()).st_size)):
+                for i, (key, size, start) in enumerate(self._pieces(path, os.fstat(fh.fileno()).st_size)):
                     if stop.is_set():
                         return ""  # another shard failed: its error is the one raised
                     if hashing[i % 2] is not None:
                         hashing[i % 2].result()  # the buffer is free again once its piece is hashed
                     piece = buffers[i % 2][:size]
                     _read_exactly(fh, piece, path, key)
-                    hashing[i % 2] = hasher.submit(digest.update, piece.numpy())
+                    hashing[i % 2] = hasher.submit(digest.update, piece)
                     if key in sinks:
-                        sinks[key](first, piece.view(self.dtypes[key]))
+                        sinks[key](start, piece)
         except BaseException:
             stop.set()
             raise
         return digest.hexdigest()
 
     def _pieces(self, path: Path, size: int) -> Iterator[tuple[str | None, int, int]]:
-        """(tensor or None, bytes, index of the first element) of consecutive pieces that cover the
-        file front to back: header, tensors, anything between or after. Pieces start at a tensor's
-        start and CHUNK_BYTES is a multiple of every element size, so a piece holds whole elements;
-        an empty tensor gets one empty piece, so its sink still sees it."""
+        """(tensor or None, bytes, where in the tensor the piece starts, in bytes) of consecutive
+        pieces that cover the file front to back: header, tensors, anything between or after.
+        Pieces start at a tensor's start and CHUNK_BYTES is a multiple of every element size, so a
+        piece holds whole elements; an empty tensor gets one empty piece, so its sink still sees it."""
         position = 0
         for key in self._in_file[path]:
             entry = self._entries[key]
             if entry.offset > position:
                 yield from _unowned(position, entry.offset)
-            itemsize = self.dtypes[key].itemsize
             for start in range(0, max(entry.nbytes, 1), CHUNK_BYTES):
-                yield key, min(CHUNK_BYTES, entry.nbytes - start), start // itemsize
+                yield key, min(CHUNK_BYTES, entry.nbytes - start), start
             position = entry.offset + entry.nbytes
         yield from _unowned(position, size)
 
@@ -188,9 +234,9 @@ def _open(path: Path, key: str | None) -> BinaryIO:
         raise UserError(f"cannot read {_what(path, key)}: {err}") from err
 
 
-def _read_exactly(fh: BinaryIO, into: torch.Tensor, path: Path, key: str | None) -> None:
+def _read_exactly(fh: BinaryIO, into: np.ndarray, path: Path, key: str | None) -> None:
     try:
-        size = fh.readinto(memoryview(into.numpy()))
+        size = fh.readinto(memoryview(into))
     except OSError as err:
         raise UserError(f"cannot read {_what(path, key)}: {err}") from err
     if size != len(into):
@@ -205,9 +251,14 @@ class InMemorySource(TensorSource):
     """A state dict already in memory: a dequantized GGUF, or a model built here."""
 
     def __init__(self, config, state: dict[str, torch.Tensor], files: list[Path], model=None):
-        self.config, self._state, self.files, self.model = config, state, files, model
+        self._config, self._state, self.files, self.model = config, state, files, model
+        self.model_type = config.model_type
         self.shapes = {k: tuple(v.shape) for k, v in state.items()}
-        self.dtypes = {k: v.dtype for k, v in state.items()}
+        self.dtypes = {k: safetensors_name(v.dtype) for k, v in state.items()}
+
+    @property
+    def config(self):
+        return self._config
 
     def get(self, key: str) -> torch.Tensor:
         return self._state[key]
@@ -215,26 +266,37 @@ class InMemorySource(TensorSource):
     def scan(self, sinks: dict[str, Sink]) -> dict:
         """The tensors are in memory already: each goes to its sink whole; then the files are hashed."""
         for key, sink in sinks.items():
-            sink(0, self._state[key].reshape(-1))
+            sink(0, tensor_bytes(self._state[key]))
         return _content_hash({path.name: _sha256_file(path) for path in self.files})
 
 
-def _load_config(folder: Path):
-    from transformers import AutoConfig
+def safetensors_name(dtype: torch.dtype) -> str:
+    return NAMES[str(dtype).removeprefix("torch.")]
 
+
+def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's elements as flat raw bytes (a view where it can be)."""
+    import torch
+
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder} has no config.json")
     try:
-        json.loads(path.read_text())
-        return AutoConfig.from_pretrained(str(folder))
+        config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON: {err}") from err
-    except (ValueError, KeyError, OSError) as err:
-        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from err
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err}") from err
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object of config fields")
+    return config
 
 
-def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, TensorEntry]]:
+def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, TensorEntry]]:
     """Parse and check a shard header: known dtypes, byte ranges inside the file that match the shapes
     and do not overlap. Tensors come in file order."""
     size = path.stat().st_size
@@ -252,10 +314,10 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, Te
             start, end = meta["data_offsets"]
             if not 0 <= start <= end <= data_size:
                 raise ValueError(f"tensor {key} lies past the end of the file")
-            if meta["dtype"] not in TORCH_DTYPES:
-                raise ValueError(f"tensor {key} has dtype {meta['dtype']}, not one of {', '.join(TORCH_DTYPES)}")
-            shape, dtype = tuple(meta["shape"]), TORCH_DTYPES[meta["dtype"]]
-            if end - start != dtype.itemsize * torch.Size(shape).numel():
+            if meta["dtype"] not in ITEMSIZE:
+                raise ValueError(f"tensor {key} has dtype {meta['dtype']}, not one of {', '.join(ITEMSIZE)}")
+            shape, dtype = tuple(meta["shape"]), meta["dtype"]
+            if end - start != ITEMSIZE[dtype] * math.prod(shape):
                 raise ValueError(f"tensor {key} spans {end - start} bytes, its shape {list(shape)} needs another size")
             shapes[key] = (shape, dtype, TensorEntry(path, 8 + header_len + start, end - start))
         in_order = sorted(shapes, key=lambda k: shapes[k][2].offset)

@@ -5,7 +5,8 @@ and every tensor's place are known up front: each shard starts as its header, an
 written in place (os.pwrite at their offset), piece by piece, in any order and from several
 threads (the source scan hands copied tensors over as it reads them, shard by shard in parallel;
 computed tensors follow one at a time). Peak memory is a few read buffers plus the largest computed
-tensor, not a shard. Every piece is cast to the output dtype and checked finite on the way.
+tensor, not a shard. Pieces are raw bytes with their safetensors dtype name; each is checked
+finite and cast to the output dtype on the way (numpy: a copy conversion never imports torch).
 """
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ import re
 import shutil
 import struct
 import tempfile
+import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
+import numpy as np
 
 from common.errors import UserError
+
+from .dtypes import ITEMSIZE, TORCH_NAMES, all_finite, cast
 
 # Page-cache writes cost more kernel time per byte in large calls on the 2-core VM of
 # bench/results/convert.json (Linux 6.18, ext4): 2.7 GB written after a few idle seconds took a
@@ -31,14 +35,10 @@ from common.errors import UserError
 # against 1.1-1.9 s for 64-512 KiB calls (1 MiB: 7.1 s).
 WRITE_BYTES = 256 << 10
 
-# Where a copied tensor's pieces go: sink(index of the piece's first element, flat piece). A piece is
-# only valid during the call (its buffer is reused). ShardWriter.sink makes them; a source's scan feeds them.
-Sink = Callable[[int, torch.Tensor], None]
-
-SAFETENSORS_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+# Where a copied tensor's pieces go: sink(where in the tensor the piece starts, in bytes, its raw bytes
+# as uint8). A piece is only valid during the call (its buffer is reused). ShardWriter.sink makes
+# them (knowing the tensor's dtype); a source's scan feeds them.
+Sink = Callable[[int, np.ndarray], None]
 
 
 def parse_size(text: str) -> int:
@@ -49,12 +49,12 @@ def parse_size(text: str) -> int:
     return int(number * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[unit])
 
 
-def layout_shards(entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, max_bytes: int) -> list[list]:
+def layout_shards(entries: list[tuple[str, tuple[int, ...]]], dtype: str, max_bytes: int) -> list[list]:
     """Split (name, shape) entries into shards of at most max_bytes (a bigger tensor gets its own)."""
     shards, current, size = [], [], 0
-    element = dtype.itemsize
+    element = ITEMSIZE[dtype]
     for name, shape in entries:
-        nbytes = element * int(torch.Size(shape).numel())
+        nbytes = element * math.prod(shape)
         if current and size + nbytes > max_bytes:
             shards.append(current)
             current, size = [], 0
@@ -63,29 +63,6 @@ def layout_shards(entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype
     if current:
         shards.append(current)
     return shards
-
-
-def all_finite(piece: torch.Tensor) -> bool:
-    """Exact NaN/inf test, fast in the usual case: a NaN or inf element makes the sum NaN or inf, so a
-    finite sum proves every element finite; only a non-finite sum (maybe just overflow) needs the
-    element-wise check. Summing in the piece's own dtype (accumulated in float32 or wider) measured
-    fastest on 4 MiB pieces: 31-39 GB/s for float32, 23 GB/s for bfloat16, against 6 GB/s for a
-    float32 sum of bfloat16, 1-7 GB/s for exponent-mask tests on an int view and 0.4-1 GB/s for
-    isfinite().all()."""
-    return bool(torch.isfinite(piece.sum())) or bool(torch.isfinite(piece).all())
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """The per-piece work (a cast, a sum over a few cache-resident MB) is far too small for a thread
-    pool: waking workers costs more than the work, and on a busy machine spinning workers made the
-    finite check 100x slower (0.4 GB/s instead of 50)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Place(NamedTuple):
@@ -100,7 +77,7 @@ class Place(NamedTuple):
 class ShardWriter:
     """Tensors written in place into shards laid out up front (see the module docstring)."""
 
-    def __init__(self, folder: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, max_bytes: int,
+    def __init__(self, folder: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: str, max_bytes: int,
                  on_tensor: Callable[[], None]):
         self.folder, self.dtype, self.on_tensor = folder, dtype, on_tensor
         self.shards = layout_shards(entries, dtype, max_bytes)
@@ -122,30 +99,38 @@ class ShardWriter:
                 self.places[name] = Place(fd, offset, nbytes, shape)
                 offset += nbytes
 
-    def put(self, name: str, first: int, piece: torch.Tensor) -> None:
-        """Write a flat piece of tensor name, elements first.. on: cast to the output dtype, checked finite."""
-        piece = piece.to(self.dtype).contiguous()
-        if piece.is_floating_point() and not all_finite(piece):
+    def put(self, name: str, dtype: str, start: int, piece: np.ndarray) -> None:
+        """Write raw bytes of tensor name, whose elements are dtype, from byte start on (counted in
+        dtype): checked finite, cast to the output dtype."""
+        if not all_finite(piece, dtype):
             raise UserError(f"tensor {name} holds NaN or infinite values; the source is damaged")
-        place, start = self.places[name], first * self.dtype.itemsize
+        if dtype != self.dtype:
+            try:
+                piece = cast(piece, dtype, self.dtype)
+            except ValueError as err:
+                raise UserError(f"tensor {name}: {err}") from err
+            start = start // ITEMSIZE[dtype] * ITEMSIZE[self.dtype]
+            if not all_finite(piece, self.dtype):
+                raise UserError(f"tensor {name} overflows {TORCH_NAMES[self.dtype]}; choose a wider --dtype")
+        place = self.places[name]
         if start + piece.nbytes > place.nbytes:
             self._wrong_size(name, start + piece.nbytes)
-        if piece.numel():  # straight from the piece's memory: no second copy
-            _pwrite_all(place.fd, piece.view(torch.uint8).numpy(), place.offset + start)
+        if piece.nbytes:  # straight from the piece's memory: no second copy
+            _pwrite_all(place.fd, piece, place.offset + start)
         self.written[name] += piece.nbytes
         if self.written[name] == place.nbytes:
             self.on_tensor()
 
-    def sink(self, name: str) -> Sink:
-        """put for one tensor, as the source scan calls it."""
-        return functools.partial(self.put, name)
+    def sink(self, name: str, dtype: str) -> Sink:
+        """put for one tensor of dtype, as the source scan calls it."""
+        return functools.partial(self.put, name, dtype)
 
-    def write(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
-        """A whole tensor as flat pieces in order."""
-        first = 0
-        for piece in pieces:
-            self.put(name, first, piece)
-            first += piece.numel()
+    def write(self, name: str, pieces: Iterable[tuple[str, np.ndarray]]) -> None:
+        """A whole tensor as (dtype, raw bytes) pieces in order."""
+        start = 0
+        for dtype, piece in pieces:
+            self.put(name, dtype, start, piece)
+            start += piece.nbytes
         self._check(name)
 
     def finish(self) -> None:
@@ -172,24 +157,24 @@ class ShardWriter:
 
 
 @contextlib.contextmanager
-def open_shards(folder: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, max_bytes: int,
+def open_shards(folder: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: str, max_bytes: int,
                 on_tensor: Callable[[], None] = lambda: None) -> Iterator[ShardWriter]:
-    """A ShardWriter for (name, shape) entries; on leaving, every tensor must have been written."""
+    """A ShardWriter for (name, shape) entries of output dtype (a safetensors name); on leaving,
+    every tensor must have been written."""
     writer = ShardWriter(folder, entries, dtype, max_bytes, on_tensor)
     try:
-        with one_torch_thread():
-            writer.open()
-            yield writer
+        writer.open()
+        yield writer
         writer.finish()
     finally:
         writer.close()
 
 
-def _shard_header(shard: list, dtype: torch.dtype) -> bytes:
+def _shard_header(shard: list, dtype: str) -> bytes:
     """A shard's safetensors header, length prefix included."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, nbytes in shard:
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the spec pads the header to 8-byte alignment

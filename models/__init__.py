@@ -1,10 +1,11 @@
 """The shared-KV layouts as Hugging Face models.
 
-Importing this package registers ``SharedKVConfig`` with ``AutoConfig``. The model classes pull in
-transformers' Llama modeling (a noticeable share of ``run.py convert``'s start-up, which needs only
-the config), so ``modeling_sharedkv`` is imported on first use of one of its names here
-(``models.SharedKVForCausalLM``, ``from models import kv_cache_bytes``, ...); that first use also
-registers ``SharedKVForCausalLM`` with ``AutoModelForCausalLM``. Both classes are marked for
+Nothing heavy is imported with the package: the layout arithmetic (``kv_layout``) is plain
+Python, and a copy conversion needs nothing else. ``SharedKVConfig`` (transformers, which imports
+torch: seconds) is imported on first use of its name, which also registers it with
+``AutoConfig``; the first use of a modeling name (``models.SharedKVForCausalLM``,
+``from models import kv_cache_bytes``, ...) imports the modeling code and registers
+``SharedKVForCausalLM`` with ``AutoModelForCausalLM``. Both classes are marked for
 ``save_pretrained`` to copy their code into the checkpoint with an ``auto_map``, so a converted
 folder loads with ``trust_remote_code=True`` and no project on the path.
 """
@@ -12,14 +13,9 @@ import importlib
 import shutil
 from pathlib import Path
 
-from transformers import AutoConfig
+from .kv_layout import LAYOUTS, SUPPORTED_SOURCE_TYPES
 
-from .configuration_sharedkv import LAYOUTS, SUPPORTED_SOURCE_TYPES, SharedKVConfig
-
-AutoConfig.register(SharedKVConfig.model_type, SharedKVConfig, exist_ok=True)
-SharedKVConfig.register_for_auto_class()
-
-MODEL_CODE_FILES = ("configuration_sharedkv.py", "modeling_sharedkv.py")
+MODEL_CODE_FILES = ("configuration_sharedkv.py", "kv_layout.py", "modeling_sharedkv.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_sharedkv.SharedKVConfig",
     "AutoModelForCausalLM": "modeling_sharedkv.SharedKVForCausalLM",
@@ -27,16 +23,33 @@ AUTO_MAP = {
 MODELING_NAMES = ("SharedKVForCausalLM", "SharedKVModel", "kv_cache_bytes")
 
 
-def __getattr__(name: str):
-    """Import the modeling code (and register the model) the first time one of its names is asked for."""
-    if name not in MODELING_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _import_config() -> None:
+    from transformers import AutoConfig
+
+    config = importlib.import_module(".configuration_sharedkv", __name__)
+    AutoConfig.register(config.SharedKVConfig.model_type, config.SharedKVConfig, exist_ok=True)
+    config.SharedKVConfig.register_for_auto_class()
+    globals()["SharedKVConfig"] = config.SharedKVConfig  # later lookups skip __getattr__
+
+
+def _import_modeling() -> None:
     from transformers import AutoModelForCausalLM
 
+    _import_config()
     modeling = importlib.import_module(".modeling_sharedkv", __name__)
-    AutoModelForCausalLM.register(SharedKVConfig, modeling.SharedKVForCausalLM, exist_ok=True)
+    AutoModelForCausalLM.register(modeling.SharedKVConfig, modeling.SharedKVForCausalLM, exist_ok=True)
     modeling.SharedKVForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    globals().update((n, getattr(modeling, n)) for n in MODELING_NAMES)  # later lookups skip this function
+    globals().update((n, getattr(modeling, n)) for n in MODELING_NAMES)
+
+
+def __getattr__(name: str):
+    """Import (and register) the config or the modeling code the first time one of its names is asked for."""
+    if name == "SharedKVConfig":
+        _import_config()
+    elif name in MODELING_NAMES:
+        _import_modeling()
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return globals()[name]
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from convert.plan import FUSED_GATE_INIT
 from models import SharedKVConfig
 
 IDS = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -310,6 +311,9 @@ def test_refuses_non_finite_weights_and_leaves_no_partial_folder(make_source, cl
     state["model.layers.3.mlp.up_proj.weight"][0, 0] = math.nan
     save_file(state, src / "model.safetensors")
     assert_refused(cli, tmp_path, capsys, "--source", src, message="NaN or infinite")
+    state["model.layers.3.mlp.up_proj.weight"][0, 0] = 1e6  # finite, but past float16's largest
+    save_file(state, src / "model.safetensors")
+    assert_refused(cli, tmp_path, capsys, "--source", src, "--dtype", "float16", message="overflows float16")
 
 
 def test_interrupt_while_writing_leaves_no_partial_folder(make_source, cli, tmp_path, monkeypatch):
@@ -397,3 +401,82 @@ def test_layout_config_keeps_every_source_field(make_source):
     cfg = SharedKVConfig.from_source(source_cfg, "fusedkv")
     assert cfg.qkv_bias and not cfg.attention_bias
     assert cfg.max_window_layers == source_cfg.max_window_layers and cfg.rope_parameters == source_cfg.rope_parameters
+
+
+# --- the copy path: raw bytes, no torch or transformers --------------------------------------------
+
+def test_llama_copy_conversion_imports_neither_torch_nor_transformers(make_source, tmp_path):
+    """Their imports take seconds, longer than copying a few GB: a copy conversion of a Llama
+    checkpoint (dtype cast and gate fill included) works on raw bytes with numpy."""
+    import subprocess
+    import sys
+
+    src = make_source(tied=False)
+    probe = ("import sys, run; code = run.main(sys.argv[1:]); "
+             "print(code, *sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    argv = ["convert", "--source", str(src), "--out", str(tmp_path / "out"), "--dtype", "bfloat16"]
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.split() == ["0"], done.stdout + done.stderr
+    converted, source_state = all_tensors(tmp_path / "out"), all_tensors(src)
+    gates = {k: v for k, v in converted.items() if "_gate_" in k}
+    assert len(gates) == 8 and all(torch.equal(v, torch.full_like(v, FUSED_GATE_INIT[k.rsplit(".", 1)[1]]))
+                                   for k, v in gates.items())
+    assert all(torch.equal(converted[k], source_state[k].bfloat16()) for k in converted if k not in gates)
+    assert len(converted) - len(gates) == len(source_state) - 4  # layers 2 and 3 lost k_proj and v_proj
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_converted_config_loads_as_transformers_builds_it(make_source, cli, tmp_path, family):
+    """config.json is the source's fields plus the layout's; loaded, it equals the config that
+    SharedKVConfig.from_source makes from transformers' own reading of the source."""
+    from transformers import AutoConfig
+
+    src = make_source(family=family, tied=family == "llama")
+    assert cli("convert", "--source", src, "--layout", "skipv1", "--out", tmp_path / "out") == 0
+    loaded = AutoConfig.from_pretrained(tmp_path / "out", trust_remote_code=True).to_dict()
+    expected = SharedKVConfig.from_source(AutoConfig.from_pretrained(src), "skipv1").to_dict()
+    ignored = ("architectures", "auto_map", "dtype", "transformers_version", "_name_or_path", "model_type")
+    assert {k: v for k, v in loaded.items() if k not in ignored} == {k: v for k, v in expected.items() if k not in ignored}
+
+
+def test_llama_config_without_a_shape_field_takes_transformers_default(make_source):
+    from transformers import LlamaConfig
+
+    from convert.source import open_source
+
+    src = make_source()
+    raw = json.loads((src / "config.json").read_text())
+    assert open_source(src).fields == raw  # complete: read as it stands
+    del raw["vocab_size"]
+    (src / "config.json").write_text(json.dumps(raw))
+    assert open_source(src).fields["vocab_size"] == LlamaConfig().vocab_size
+
+
+def test_target_config_defaults_are_llamas():
+    from transformers import LlamaConfig
+
+    from convert.plan import TargetConfig
+
+    llama = LlamaConfig()
+    for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        assert getattr(TargetConfig, name) == getattr(llama, name), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_raw_byte_casts_and_finite_check_match_torch(dtype):
+    from convert.dtypes import NAMES, all_finite, cast
+
+    # normal, subnormal and large magnitudes of both signs: every rounding case of every pair
+    values = torch.randn(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    values = (values * torch.logspace(-9, 4, 20000, dtype=torch.float64)).to(dtype)
+    raw, name = values.view(torch.uint8).numpy(), NAMES[str(dtype).removeprefix("torch.")]
+    for target in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        expected = values.to(target).view(torch.uint8).numpy()
+        assert (cast(raw, name, NAMES[str(target).removeprefix("torch.")]) == expected).all(), target
+    assert all_finite(raw, name)
+    for bad in (math.inf, -math.inf, math.nan):
+        for at in (0, 777, 19999):
+            damaged = values.clone()
+            damaged[at] = bad
+            assert not all_finite(damaged.view(torch.uint8).numpy(), name), (bad, at)
