@@ -8,8 +8,10 @@ parsed and checked up front (byte ranges inside the file that do not overlap, kn
 ``scan`` then reads each shard once, front to back, in pieces of at most ``CHUNK_BYTES`` through
 two reused numpy buffers (plain reads, no mmap, so touched pages do not pile up in RSS): every
 piece goes to the file's sha256, hashed in a thread of its own while the next piece is read, and
-every piece of a tensor the writer copies goes straight to the writer as raw bytes. Shards are
-scanned in parallel, one thread each, up to the number of cores. ``get`` reads one whole tensor
+every piece of a tensor the writer copies goes to the writer as raw bytes: to be checked finite
+while the kernel copies the tensor file to file (its dtype stays), or to be cast and written.
+Shards are scanned in parallel, one thread each, up to the number of cores; the kernel copies
+run beside them, on half the cores. ``get`` reads one whole tensor
 as a torch tensor, for the rules that compute from it. A GGUF file is dequantized through
 transformers' GGUF loader into memory (GGUF models are small, quantized files; the dequantized
 model must fit in RAM). Pickle checkpoints are refused, never unpickled.
@@ -34,7 +36,7 @@ from common.sources import is_gguf
 from models import SUPPORTED_SOURCE_TYPES
 
 from .dtypes import ITEMSIZE, NAMES, TORCH_NAMES
-from .writer import Sink
+from .writer import TensorSink
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +78,7 @@ class TensorSource:
     def get(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def scan(self, sinks: dict[str, Sink]) -> dict:
+    def scan(self, sinks: dict[str, TensorSink]) -> dict:
         """Hand every tensor named in sinks to its sink, and return the source's content hash: the
         sha256 of every file (the digests `sha256sum` prints) and one sha256 over that listing."""
         raise NotImplementedError
@@ -173,17 +175,37 @@ class SafetensorsSource(TensorSource):
             _read_exactly(fh, data.numpy(), entry.path, key)
         return data.view(getattr(torch, TORCH_NAMES[self.dtypes[key]])).view(self.shapes[key])
 
-    def scan(self, sinks: dict[str, Sink]) -> dict:
-        """One read of every shard, which feeds both its sha256 and the sinks (see the module docstring)."""
+    def scan(self, sinks: dict[str, TensorSink]) -> dict:
+        """One read of every shard, which feeds both its sha256 and the sinks (see the module
+        docstring); meanwhile the kernel copies the tensors whose dtype stays, file to file."""
         stop = threading.Event()
-        with ThreadPoolExecutor(max_workers=min(len(self.files), os.cpu_count() or 1), thread_name_prefix="scan") as pool:
+        cores = os.cpu_count() or 1
+        with (ThreadPoolExecutor(max_workers=max(1, cores // 2), thread_name_prefix="copy") as copier,
+              ThreadPoolExecutor(max_workers=min(len(self.files), cores), thread_name_prefix="scan") as pool):
+            copies = [copier.submit(self._copy_file, path, sinks, stop) for path in self.files]
             futures = {path.name: pool.submit(self._scan_file, path, sinks, stop) for path in self.files}
             try:
-                return _content_hash({name: future.result() for name, future in futures.items()})
+                digests = {name: future.result() for name, future in futures.items()}
+                for copy in copies:
+                    copy.result()
+                return _content_hash(digests)
             finally:
-                stop.set()  # on an error or Ctrl-C here, the other shards stop at their next piece
+                stop.set()  # on an error or Ctrl-C here, the other shards stop at their next piece or tensor
 
-    def _scan_file(self, path: Path, sinks: dict[str, Sink], stop: threading.Event) -> str:
+    def _copy_file(self, path: Path, sinks: dict[str, TensorSink], stop: threading.Event) -> None:
+        """The kernel copies of one shard's tensors (copy_file_range: no bytes through this process)."""
+        try:
+            with _open(path, None) as fh:
+                for key in self._in_file[path]:
+                    if stop.is_set():
+                        return
+                    if key in sinks and sinks[key].kernel_copy:
+                        sinks[key].copy_range(fh.fileno(), self._entries[key].offset)
+        except BaseException:
+            stop.set()
+            raise
+
+    def _scan_file(self, path: Path, sinks: dict[str, TensorSink], stop: threading.Event) -> str:
         """sha256 of one shard, read front to back once; the pieces of tensors in sinks go to them on the way."""
         digest = hashlib.sha256()
         buffers = [np.empty(CHUNK_BYTES, dtype=np.uint8) for _ in range(2)]
@@ -199,7 +221,10 @@ class SafetensorsSource(TensorSource):
                     _read_exactly(fh, piece, path, key)
                     hashing[i % 2] = hasher.submit(digest.update, piece)
                     if key in sinks:
-                        sinks[key](start, piece)
+                        if sinks[key].kernel_copy:  # its bytes go file to file: the piece is only checked
+                            sinks[key].check(piece)
+                        else:
+                            sinks[key](start, piece)
         except BaseException:
             stop.set()
             raise
@@ -263,7 +288,7 @@ class InMemorySource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         return self._state[key]
 
-    def scan(self, sinks: dict[str, Sink]) -> dict:
+    def scan(self, sinks: dict[str, TensorSink]) -> dict:
         """The tensors are in memory already: each goes to its sink whole; then the files are hashed."""
         for key, sink in sinks.items():
             sink(0, tensor_bytes(self._state[key]))

@@ -2,16 +2,17 @@
 
 Shards are laid out from the plan's shapes before any tensor is computed, so every shard's header
 and every tensor's place are known up front: each shard starts as its header, and tensors are
-written in place (os.pwrite at their offset), piece by piece, in any order and from several
-threads (the source scan hands copied tensors over as it reads them, shard by shard in parallel;
-computed tensors follow one at a time). Peak memory is a few read buffers plus the largest computed
-tensor, not a shard. Pieces are raw bytes with their safetensors dtype name; each is checked
-finite and cast to the output dtype on the way (numpy: a copy conversion never imports torch).
+written in place, in any order and from several threads. A copied tensor whose dtype stays goes
+file to file in the kernel (copy_file_range, what `cp` does), while the source scan reads the
+same bytes to hash and check them; one whose dtype changes is cast and written (os.pwrite at its
+offset) piece by piece as the scan reads it; computed tensors follow one at a time. Peak memory
+is a few read buffers plus the largest computed tensor, not a shard. Pieces are raw bytes with
+their safetensors dtype name; each is checked finite (numpy: a copy conversion never imports torch).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
+import errno
 import json
 import os
 import re
@@ -35,10 +36,8 @@ from .dtypes import ITEMSIZE, TORCH_NAMES, all_finite, cast
 # against 1.1-1.9 s for 64-512 KiB calls (1 MiB: 7.1 s).
 WRITE_BYTES = 256 << 10
 
-# Where a copied tensor's pieces go: sink(where in the tensor the piece starts, in bytes, its raw bytes
-# as uint8). A piece is only valid during the call (its buffer is reused). ShardWriter.sink makes
-# them (knowing the tensor's dtype); a source's scan feeds them.
-Sink = Callable[[int, np.ndarray], None]
+# bytes per copy_file_range call: large, as `cp` asks (it asks for everything at once)
+COPY_BYTES = 1 << 30
 
 
 def parse_size(text: str) -> int:
@@ -121,9 +120,16 @@ class ShardWriter:
         if self.written[name] == place.nbytes:
             self.on_tensor()
 
-    def sink(self, name: str, dtype: str) -> Sink:
-        """put for one tensor of dtype, as the source scan calls it."""
-        return functools.partial(self.put, name, dtype)
+    def sink(self, name: str, dtype: str) -> TensorSink:
+        """Where the source scan sends one copied tensor of dtype."""
+        return TensorSink(self, name, dtype)
+
+    def copy_range(self, name: str, fd: int, offset: int) -> None:
+        """Copy tensor name's bytes from file fd at offset into place, file to file (same dtype only)."""
+        place = self.places[name]
+        _copy_bytes(fd, offset, place.fd, place.offset, place.nbytes, name)
+        self.written[name] += place.nbytes
+        self.on_tensor()
 
     def write(self, name: str, pieces: Iterable[tuple[str, np.ndarray]]) -> None:
         """A whole tensor as (dtype, raw bytes) pieces in order."""
@@ -156,6 +162,27 @@ class ShardWriter:
         raise UserError(f"tensor {name} came out as {nbytes} bytes, its shape {list(place.shape)} needs {place.nbytes}")
 
 
+class TensorSink:
+    """Where one copied tensor goes. A source scan calls it with each piece it reads (where in the
+    tensor the piece starts, in bytes; the raw bytes, valid only during the call): checked finite,
+    cast to the output dtype and written. When ``kernel_copy`` is set (the dtype stays) a scan
+    that reads from a file calls ``copy_range`` once instead and hands each piece to ``check``."""
+
+    def __init__(self, writer: ShardWriter, name: str, dtype: str):
+        self.writer, self.name, self.dtype = writer, name, dtype
+        self.kernel_copy = dtype == writer.dtype
+
+    def __call__(self, start: int, piece: np.ndarray) -> None:
+        self.writer.put(self.name, self.dtype, start, piece)
+
+    def check(self, piece: np.ndarray) -> None:
+        if not all_finite(piece, self.dtype):
+            raise UserError(f"tensor {self.name} holds NaN or infinite values; the source is damaged")
+
+    def copy_range(self, fd: int, offset: int) -> None:
+        self.writer.copy_range(self.name, fd, offset)
+
+
 @contextlib.contextmanager
 def open_shards(folder: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: str, max_bytes: int,
                 on_tensor: Callable[[], None] = lambda: None) -> Iterator[ShardWriter]:
@@ -181,12 +208,30 @@ def _shard_header(shard: list, dtype: str) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    """os.pwrite every byte, at most WRITE_BYTES per call (a call may also write less than asked)."""
+def _copy_bytes(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int, name: str) -> None:
+    """nbytes from one file to another at the given offsets: copy_file_range, or reads and writes
+    where the kernel cannot copy between these files."""
+    done = 0
+    while done < nbytes:
+        try:
+            copied = os.copy_file_range(src, dst, min(COPY_BYTES, nbytes - done), src_offset + done, dst_offset + done)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            copied = _pwrite_all(dst, os.pread(src, min(WRITE_BYTES, nbytes - done), src_offset + done), dst_offset + done)
+        if copied == 0:
+            raise UserError(f"tensor {name} ends past the end of its shard: the source is truncated")
+        done += copied
+
+
+def _pwrite_all(fd: int, data, offset: int) -> int:
+    """os.pwrite every byte, at most WRITE_BYTES per call (a call may also write less than asked); returns the count."""
     view = memoryview(data).cast("B")
+    total = len(view)
     while view:
         written = os.pwrite(fd, view[:WRITE_BYTES], offset)
         view, offset = view[written:], offset + written
+    return total
 
 
 @contextlib.contextmanager
