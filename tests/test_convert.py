@@ -115,6 +115,25 @@ def test_streaming_through_a_small_buffer_writes_the_same_bytes(make_source, cli
                                all_tensors(src)["model.layers.0.mlp.up_proj.weight"].bfloat16(), rtol=0, atol=0)
 
 
+def test_without_kernel_copies_the_same_bytes_are_written(make_source, cli, tmp_path, monkeypatch):
+    """Where copy_file_range cannot copy between the two files, reads and writes do the same."""
+    import errno
+    import os
+
+    src = make_source(shard="200KB")
+    assert cli("convert", "--source", src, "--out", tmp_path / "kernel") == 0
+    refused = []
+
+    def cannot(*args):
+        refused.append(args)
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", cannot)
+    assert cli("convert", "--source", src, "--out", tmp_path / "plain") == 0
+    assert refused
+    assert (tmp_path / "kernel" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+
+
 def test_dry_run_writes_nothing(make_source, cli, tmp_path):
     src = make_source()
     assert cli("convert", "--source", src, "--out", tmp_path / "out", "--dry-run") == 0
