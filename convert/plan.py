@@ -175,7 +175,7 @@ def materialize(plan: Plan, source: TensorSource, mapping: Mapping) -> torch.Ten
     if mapping.rule == "copy":
         return source.get(mapping.source)
     if mapping.rule == "fill":
-        return torch.full(mapping.shape, mapping.args["value"], dtype=torch.float32)
+        return torch.from_numpy(_filled(mapping))
     if mapping.rule == "heads":
         d = plan.config.head_dim
         heads = source.get(mapping.source).unflatten(0, (-1, d))
@@ -196,13 +196,18 @@ def materialize(plan: Plan, source: TensorSource, mapping: Mapping) -> torch.Ten
     raise ValueError(f"unknown rule {mapping.rule}")
 
 
+def _filled(mapping: Mapping) -> np.ndarray:
+    """A fill rule's tensor: its constant in float32."""
+    return np.full(mapping.shape, mapping.args["value"], dtype=np.float32)
+
+
 def stream(plan: Plan, source: TensorSource, mapping: Mapping) -> Iterator[tuple[str, np.ndarray]]:
     """One target tensor as (dtype, raw bytes) pieces in order, computed whole. `run.py convert`
     asks this only for the rules other than copy, which are small (gates, one layer's v_proj, one
     CommonKV group's factors, fitted tensors already in memory); copies go to the writer piece by
     piece from the source scan. A gate fill needs no torch."""
     if mapping.rule == "fill":
-        yield "F32", np.full(math.prod(mapping.shape), mapping.args["value"], dtype=np.float32).view(np.uint8)
+        yield "F32", _filled(mapping).reshape(-1).view(np.uint8)
         return
     tensor = materialize(plan, source, mapping)
     if tuple(tensor.shape) != tuple(mapping.shape):

@@ -11,10 +11,10 @@ piece goes to the file's sha256, hashed in a thread of its own while the next pi
 every piece of a tensor the writer copies goes to the writer as raw bytes: to be checked finite
 while the kernel copies the tensor file to file (its dtype stays), or to be cast and written.
 Shards are scanned in parallel, one thread each, up to the number of cores; the kernel copies
-run beside them, on half the cores. ``get`` reads one whole tensor
-as a torch tensor, for the rules that compute from it. A GGUF file is dequantized through
-transformers' GGUF loader into memory (GGUF models are small, quantized files; the dequantized
-model must fit in RAM). Pickle checkpoints are refused, never unpickled.
+run beside them, on half the cores. ``get`` reads one whole tensor as a torch tensor, for the
+rules that compute from it. A GGUF file is dequantized through transformers' GGUF loader into
+memory (GGUF models are small, quantized files; the dequantized model must fit in RAM). Pickle
+checkpoints are refused, never unpickled.
 """
 from __future__ import annotations
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
 import struct
 import tempfile
-import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -101,8 +101,7 @@ class ShardWriter:
     def put(self, name: str, dtype: str, start: int, piece: np.ndarray) -> None:
         """Write raw bytes of tensor name, whose elements are dtype, from byte start on (counted in
         dtype): checked finite, cast to the output dtype."""
-        if not all_finite(piece, dtype):
-            raise UserError(f"tensor {name} holds NaN or infinite values; the source is damaged")
+        check_finite(name, piece, dtype)
         if dtype != self.dtype:
             try:
                 piece = cast(piece, dtype, self.dtype)
@@ -162,6 +161,11 @@ class ShardWriter:
         raise UserError(f"tensor {name} came out as {nbytes} bytes, its shape {list(place.shape)} needs {place.nbytes}")
 
 
+def check_finite(name: str, piece: np.ndarray, dtype: str) -> None:
+    if not all_finite(piece, dtype):
+        raise UserError(f"tensor {name} holds NaN or infinite values; the source is damaged")
+
+
 class TensorSink:
     """Where one copied tensor goes. A source scan calls it with each piece it reads (where in the
     tensor the piece starts, in bytes; the raw bytes, valid only during the call): checked finite,
@@ -176,8 +180,7 @@ class TensorSink:
         self.writer.put(self.name, self.dtype, start, piece)
 
     def check(self, piece: np.ndarray) -> None:
-        if not all_finite(piece, self.dtype):
-            raise UserError(f"tensor {self.name} holds NaN or infinite values; the source is damaged")
+        check_finite(self.name, piece, self.dtype)
 
     def copy_range(self, fd: int, offset: int) -> None:
         self.writer.copy_range(self.name, fd, offset)
