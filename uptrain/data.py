@@ -1,74 +1,95 @@
-"""Training data: documents -> tokens (cached on disk) -> packed fixed-length sequences.
+"""Training data: the recipe's sources as token stores, cut into packed sequences of seq_len.
 
-The batch of step s is a pure function of (seed, s), so the data position after a resume is
-just the step number and every rank knows its shard without coordination.
+Each source is a token store (token_store.py); sequence i of a store is its tokens
+[i x seq_len, (i + 1) x seq_len), documents joined by EOS. Without eval_data, the last
+eval_fraction of each source's sequences is held out and the eval set is drawn from those tails.
+The sampler (sampler.py) says which sequences a rank reads at a step; only those are read.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common.data import read_documents
+from common.data import DataSpec, parse_specs
 from common.errors import UserError
 
-CACHE_DIR = Path(".cache") / "tokens"
+from .recipe import Recipe
+from .sampler import StepSampler, apportion
+from .token_store import TokenStore, prepare
 
 
-def _cache_key(spec: str, tokenizer, seq_len: int) -> str:
-    digest = hashlib.sha256()
-    path = Path(spec)
-    files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else []
-    for f in files:
-        if f.is_file():
-            digest.update(f.name.encode() + str(f.stat().st_size).encode() + str(f.stat().st_mtime_ns).encode())
-    digest.update(spec.encode())
-    digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    digest.update(str(seq_len).encode())
-    return digest.hexdigest()[:16]
+@dataclass
+class TrainData:
+    specs: list[DataSpec]
+    stores: list[TokenStore]
+    train_sizes: list[int]  # sequences of each store that training draws from
+    eval_sequences: torch.Tensor  # (n, seq_len), held out
+    seq_len: int
+
+    def sampler(self, recipe: Recipe, world_size: int) -> StepSampler:
+        return StepSampler(self.train_sizes, [s.weight for s in self.specs], recipe.micro_batch, recipe.grad_accum,
+                           world_size, recipe.seed)
+
+    def batch(self, slots: list[tuple[int, int]]) -> torch.Tensor:
+        """The micro-batch of (source, sequence) slots, as int64 token ids."""
+        return torch.stack([torch.from_numpy(self.stores[c].sequences([i], self.seq_len)[0]) for c, i in slots])
+
+    def describe(self) -> str:
+        parts = [f"{s.path} ({n:,} sequences{f', weight {s.weight:g}' if len(self.specs) > 1 else ''})"
+                 for s, n in zip(self.specs, self.train_sizes)]
+        return f"{'; '.join(parts)}; {len(self.eval_sequences)} eval sequences"
 
 
-def packed_sequences(spec: str, tokenizer, seq_len: int, split: str = "train") -> torch.Tensor:
-    """(n, seq_len) token ids: documents joined with EOS, cut into full sequences; cached on disk."""
-    cache = CACHE_DIR / f"{_cache_key(spec, tokenizer, seq_len)}.pt"
-    if cache.is_file():
-        return torch.load(cache, weights_only=True)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    stream: list[int] = []
-    for doc in read_documents(spec, split=split):
-        if doc.strip():
-            stream.extend(tokenizer(doc)["input_ids"])
-            stream.append(eos)
-    n = len(stream) // seq_len
-    if n == 0:
-        raise UserError(f"data {spec!r} has {len(stream)} tokens, fewer than one sequence of seq_len={seq_len}")
-    sequences = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(sequences, tmp)
-    tmp.replace(cache)
-    return sequences
+def is_builder() -> bool:
+    """The first rank on each node tokenizes; the others wait for its store."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
-class StepSampler:
-    """Which sequences each rank's micro-batch holds at a given step (a fresh permutation per epoch)."""
+def stream_caps(specs: list[DataSpec], train_tokens: int | None, eval_tokens: int) -> list[int | None]:
+    """Tokens to read from each streamed source: its share of the budget plus the eval slice (local ones: all)."""
+    total = sum(s.weight for s in specs)
+    return [math.ceil(train_tokens * s.weight / total * 1.01) + 2 * eval_tokens if s.streaming and train_tokens
+            else None for s in specs]
 
-    def __init__(self, sequences: torch.Tensor, micro_batch: int, grad_accum: int, world_size: int, seed: int):
-        self.sequences, self.micro_batch, self.grad_accum = sequences, micro_batch, grad_accum
-        self.world_size, self.seed = world_size, seed
-        self.per_step = micro_batch * grad_accum * world_size
-        self._permutations: dict[int, torch.Tensor] = {}
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._permutations:
-            generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self._permutations = {epoch: torch.randperm(len(self.sequences), generator=generator)}
-        return self._permutations[epoch]
+def stores_of(specs: list[DataSpec], tokenizer, recipe: Recipe, caps: list[int | None]) -> list[TokenStore]:
+    return [prepare(spec, tokenizer, Path(recipe.token_cache), is_builder(), cap) for spec, cap in zip(specs, caps)]
 
-    def micro_batch_at(self, step: int, micro: int, rank: int) -> torch.Tensor:
-        first = step * self.per_step + (micro * self.world_size + rank) * self.micro_batch
-        idx = [first + j for j in range(self.micro_batch)]
-        n = len(self.sequences)
-        return torch.stack([self.sequences[self._permutation(i // n)[i % n]] for i in idx])
+
+def too_small(spec: DataSpec, store: TokenStore, seq_len: int, need: int) -> UserError:
+    return UserError(f"data {spec.path!r} has {len(store.tokens):,} tokens: {store.sequence_count(seq_len)} sequences "
+                     f"of seq_len={seq_len}, fewer than the {need} it needs; give more text or a shorter seq_len")
+
+
+def prepare_data(recipe: Recipe, tokenizer, train_tokens: int | None = None) -> TrainData:
+    """Token stores for data and eval_data (built once, on the first rank of each node), sizes checked."""
+    specs = parse_specs(recipe.data)
+    stores = stores_of(specs, tokenizer, recipe, stream_caps(specs, train_tokens, recipe.eval_tokens))
+    n_eval = max(1, recipe.eval_tokens // recipe.seq_len)
+    counts = [store.sequence_count(recipe.seq_len) for store in stores]
+    if recipe.eval_data is not None:
+        eval_specs = parse_specs(recipe.eval_data, split="test")
+        eval_stores = stores_of(eval_specs, tokenizer, recipe, [recipe.eval_tokens * 2 if s.streaming else None
+                                                                 for s in eval_specs])
+        train_sizes = counts
+        starts = [0] * len(eval_stores)
+        available = [store.sequence_count(recipe.seq_len) for store in eval_stores]
+    else:
+        eval_specs, eval_stores = specs, stores
+        held = [max(1, int(n * recipe.eval_fraction)) for n in counts]
+        train_sizes = [n - h for n, h in zip(counts, held)]
+        starts, available = train_sizes, held
+    for spec, store, n in zip(specs, stores, train_sizes):
+        if n < 1:
+            raise too_small(spec, store, recipe.seq_len, 1 if recipe.eval_data is not None else 2)
+    for spec, store, n in zip(eval_specs, eval_stores, available):
+        if n < 1:
+            raise too_small(spec, store, recipe.seq_len, 1)
+    taken = [min(k, n) for k, n in zip(apportion([s.weight for s in eval_specs], n_eval), available)]
+    eval_sequences = torch.cat([torch.from_numpy(store.sequences(range(start, start + k), recipe.seq_len))
+                                for store, start, k in zip(eval_stores, starts, taken) if k])
+    return TrainData(specs, stores, train_sizes, eval_sequences, recipe.seq_len)

@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from common.errors import UserError
+
 
 class MetricsLog:
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.exists():  # drop lines past the resumed step: they will be recomputed identically
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_records(path) if r["step"] <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as fh:
@@ -21,7 +23,16 @@ class MetricsLog:
 
 
 def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    """The logged records; a half-written last line (a kill during a write) is left out."""
+    lines = [line for line in path.read_text().splitlines() if line] if path.exists() else []
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{path}:{number} is not a JSON record; the metrics log is damaged") from None
+    return records
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:

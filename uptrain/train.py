@@ -9,12 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from common.console import console, progress
+from common.errors import UserError
 
 from . import checkpoint
-from .data import StepSampler
+from .data import TrainData
 from .engine import ds_config, optimizer_and_schedule, use_bf16
 from .metrics import MetricsLog, plot
 from .recipe import Recipe
+
+MAX_LOG_PPL = 700.0  # math.exp overflows a float just above 709
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -35,8 +38,13 @@ def batch_loss(engine, batch: torch.Tensor, recipe: Recipe, teacher) -> torch.Te
     return kd if recipe.loss == "kd" else (1 - recipe.kd_weight) * out.loss + recipe.kd_weight * kd
 
 
+class Diverged(UserError):
+    """The run stopped at a step whose loss, gradients or weights are not finite."""
+
+
 @torch.no_grad()
-def eval_ppl(engine, sequences: torch.Tensor, micro_batch: int) -> float:
+def eval_ppl(engine, sequences: torch.Tensor, micro_batch: int, zero3: bool) -> float:
+    """Held-out perplexity; inf once the mean loss is too large for exp (a diverged model)."""
     engine.eval()
     total, count = 0.0, 0
     for start in range(0, len(sequences), micro_batch):
@@ -44,12 +52,23 @@ def eval_ppl(engine, sequences: torch.Tensor, micro_batch: int) -> float:
         loss = engine(batch, labels=batch, use_cache=False).loss
         n = batch.numel() - batch.shape[0]
         total, count = total + loss.float().item() * n, count + n
+    if zero3:
+        engine.empty_partition_cache()  # no backward follows to consume what the eval prefetched
     engine.train()
-    return math.exp(total / count)
+    mean = total / count
+    return math.exp(mean) if mean < MAX_LOG_PPL else math.inf
 
 
-def train(model, tokenizer, teacher, train_seqs, eval_seqs, recipe: Recipe, total_steps: int, run_dir: Path,
-          rank: int, world_size: int, resume: bool) -> Path:
+def weights_finite(engine) -> bool:
+    """No NaN or inf in any rank's share of the weights (ZeRO-3: each rank's partition)."""
+    local = all(torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in engine.module.parameters())
+    flag = torch.tensor(float(local), device=engine.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_steps: int, run_dir: Path,
+          rank: int, world_size: int, resume: bool, resume_from: str | None, export_dtype: torch.dtype) -> Path:
     import deepspeed
 
     if recipe.activation_checkpointing:
@@ -57,27 +76,39 @@ def train(model, tokenizer, teacher, train_seqs, eval_seqs, recipe: Recipe, tota
     optimizer, schedule = optimizer_and_schedule(model, recipe, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config(recipe, world_size))
+    zero3 = recipe.zero_stage == 3
     if teacher is not None:
         teacher.to(engine.device)
         if use_bf16(recipe):
             teacher.to(torch.bfloat16)
     ckpt_dir = run_dir / "checkpoints"
     start = 0
-    if resume:
-        state = checkpoint.resume(engine, ckpt_dir)
+    if resume or resume_from:
+        state = checkpoint.resume(engine, ckpt_dir, resume_from)
         start = state["step"] if state else 0
         if rank == 0:
             console.print(f"resumed at step {start}" if state else "no checkpoint found: starting from step 0")
     log = MetricsLog(run_dir / "metrics.jsonl", start) if rank == 0 else None
-    sampler = StepSampler(train_seqs, recipe.micro_batch, recipe.grad_accum, world_size, recipe.seed)
+    sampler = data.sampler(recipe, world_size)
     tokens_per_step = sampler.per_step * recipe.seq_len
+    last_saved = f"step{start}" if start else None
 
+    def stop(step: int, what: str) -> Diverged:
+        kept = f"its last good checkpoint is {ckpt_dir / last_saved}" if last_saved else "no checkpoint was saved"
+        return Diverged(f"step {step}: {what}; the run stopped without exporting ({kept}). "
+                        f"Lower lr (now {recipe.lr:g}) and start a new run")
+
+    if start == 0:  # the step-0 point: what the conversion alone gives
+        initial = eval_ppl(engine, data.eval_sequences, recipe.micro_batch, zero3)
+        if log:
+            log.write({"step": 0, "tokens": 0, "eval_ppl": initial})
+    skipped_in_a_row = 0
     with progress() as bar:
         task = bar.add_task("uptrain", total=total_steps, completed=start)
         for step in range(start, total_steps):
-            tic, losses = time.perf_counter(), []
+            tic, losses, skipped_before = time.perf_counter(), [], engine.skipped_steps
             for micro in range(recipe.grad_accum):
-                batch = sampler.micro_batch_at(step, micro, rank).to(engine.device)
+                batch = data.batch(sampler.micro_batch_at(step, micro, rank)).to(engine.device)
                 loss = batch_loss(engine, batch, recipe, teacher)
                 engine.backward(loss)
                 engine.step()
@@ -86,19 +117,39 @@ def train(model, tokenizer, teacher, train_seqs, eval_seqs, recipe: Recipe, tota
             # on the engine's device: nccl reduces GPU tensors only
             mean_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64, device=engine.device)
             torch.distributed.all_reduce(mean_loss)  # every rank's micro-batches count in the logged loss
+            skipped = engine.skipped_steps - skipped_before
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
             record = {"step": done, "loss": mean_loss.item() / world_size, "lr": schedule.get_last_lr()[-1],
                       "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": done * tokens_per_step,
                       "tokens_per_s": tokens_per_step / (time.perf_counter() - tic)}
+            if skipped:
+                record["skipped"] = engine.skipped_steps
+            if not math.isfinite(record["loss"]):
+                raise stop(done, f"the training loss is {record['loss']}")
+            if not skipped and not math.isfinite(record["grad_norm"]):
+                raise stop(done, f"the gradient norm is {record['grad_norm']}")
+            if skipped_in_a_row > recipe.max_skipped_steps:
+                raise stop(done, f"the optimizer skipped {skipped_in_a_row} steps in a row for gradient overflow "
+                                 f"(max_skipped_steps {recipe.max_skipped_steps})")
             if done % recipe.eval_every == 0 or done == total_steps:
-                record["eval_ppl"] = eval_ppl(engine, eval_seqs, recipe.micro_batch)
-            if log and (done % recipe.log_every == 0 or "eval_ppl" in record):
+                record["eval_ppl"] = eval_ppl(engine, data.eval_sequences, recipe.micro_batch, zero3)
+            if log and (done % recipe.log_every == 0 or "eval_ppl" in record or skipped):
                 log.write(record)
+            if not math.isfinite(record.get("eval_ppl", 0.0)):
+                raise stop(done, "the held-out perplexity overflowed (the model diverged)")
             bar.update(task, advance=1, description=f"uptrain loss {record['loss']:.3f} {record['tokens_per_s']:.0f} tok/s")
-            if done % recipe.save_every == 0 and done < total_steps:
-                checkpoint.save(engine, ckpt_dir, done, recipe.keep_last, {"tokens": record["tokens"]})
+            # the last step too: a failed export (a full disk) then loses nothing, and --resume exports again
+            if done % recipe.save_every == 0 or done == total_steps:
+                if not weights_finite(engine):
+                    raise stop(done, "the weights hold NaN or inf")
+                checkpoint.save(engine, ckpt_dir, done, recipe.keep_last,
+                                {"tokens": record["tokens"], "world_size": world_size})
+                last_saved = f"step{done}"
 
     final = run_dir / "final"
-    checkpoint.export(engine, engine.module, tokenizer, final, recipe.zero_stage)
+    tic = time.perf_counter()
+    checkpoint.export(engine, engine.module, tokenizer, final, zero3, export_dtype, recipe.export_max_shard_size)
     if log:
+        console.print(f"exported in {time.perf_counter() - tic:.1f} s")
         plot(log.records(), run_dir / "metrics.png", run_dir.name)
     return final

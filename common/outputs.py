@@ -1,0 +1,179 @@
+"""Output folders: written whole or not at all, and replaced only when this project wrote them.
+
+A folder is staged as ``.NAME.partial-HOST-PID-XXXX`` beside its target and renamed into place at
+the end (other scratch beside it, ``.NAME.KIND-HOST-PID-XXXX``, is named the same way). The host
+and pid in the name let a later run on the same output find what a killed run (kill -9, power
+loss) left and remove it. ``--force`` replaces only an empty folder or one that holds one of the
+caller's marker files (conversion.json, recipe.yaml, ...): never an input, the current folder,
+one of their ancestors, or a folder someone else made.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from rich.markup import escape
+
+from .console import console
+from .errors import UserError
+
+HOST = socket.gethostname().replace("-", "_")
+FULL = (errno.ENOSPC, errno.EDQUOT)
+DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def stage_prefix(target: Path, kind: str = "partial") -> str:
+    """Name start of a stage beside target: kind ("partial", "old", "activations"), then this host and pid."""
+    return f".{_absolute(target).name}.{kind}-{HOST}-{os.getpid()}-"
+
+
+def _absolute(target: Path) -> Path:
+    """target as an absolute path without `.` or `..`: its name and parent, however the user spelled it."""
+    return Path(os.path.abspath(target))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def stale_stages(target: Path) -> list[Path]:
+    """Staging folders beside target left by runs on this host whose process is gone."""
+    target = _absolute(target)
+    if not target.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.[a-z]+-(?P<host>[^-]+)-(?P<pid>\d+)-")
+    stale = []
+    for path in target.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and match["host"] == HOST and not _alive(int(match["pid"])):
+            stale.append(path)
+    return sorted(stale)
+
+
+def remove_stale_stages(target: Path) -> list[Path]:
+    """Remove what killed runs left beside target; returns what was removed (for the caller to report)."""
+    removed = stale_stages(target)
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def check_replaceable(target: Path, markers: Iterable[str], inputs: Iterable[Path] = ()) -> None:
+    """Refuse, in one line, to replace target unless this project wrote it (or it is empty) and it holds no input."""
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise UserError(f"--force will not replace {target}: it is the current folder or one above it; choose another output")
+    for item in inputs:
+        item = Path(item).resolve()
+        if item == resolved or resolved in item.parents:
+            raise UserError(f"--force will not replace {target}: it holds the input {item}; choose another output")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise UserError(f"{target} is a file, not an output folder; choose another output")
+    markers = tuple(markers)
+    if not any((target / marker).is_file() for marker in markers) and any(target.iterdir()):
+        raise UserError(f"--force replaces only a folder this project wrote, and {target} has no "
+                        f"{' or '.join(markers)}; choose another output or remove it yourself")
+
+
+def claim_target(target: Path, force: bool, markers: Iterable[str], inputs: Iterable[Path] = ()) -> None:
+    """Remove (and say so) what killed runs left beside target, then refuse in one line an output that
+    exists without force or must not be replaced. atomic_folder starts with it; a caller with long
+    work ahead (a fit, a training run) calls it first too, so a refusal comes before the work."""
+    removed = remove_stale_stages(target)
+    if removed:
+        console.print(f"removed {', '.join(p.name for p in removed)}: left beside {escape(str(target))} by a killed run",
+                      highlight=False, soft_wrap=True)
+    if target.exists() and not force:
+        raise UserError(f"{target} already exists; pass --force to replace it")
+    check_replaceable(target, markers, inputs)
+
+
+def os_error_line(err: OSError, where: Path) -> str | None:
+    """One line for the OS errors a user can fix (full disk, no permission); None for the others."""
+    if err.errno in FULL:
+        return f"disk full while writing {where}: free some space and run again (nothing was kept)"
+    if err.errno in DENIED:  # named by the output the user chose: the file that failed is often a hidden stage
+        return f"cannot write {where}: {os.strerror(err.errno).lower()}"
+    return None
+
+
+@contextlib.contextmanager
+def user_os_errors(where: Path) -> Iterator[None]:
+    """OS errors a user can fix become one-line UserErrors; the others stay tracebacks."""
+    try:
+        yield
+    except OSError as err:
+        line = os_error_line(err, where)
+        if line is None:
+            raise
+        raise UserError(line) from err
+
+
+@contextlib.contextmanager
+def made_folder(folder: Path) -> Iterator[Path]:
+    """`mkdir -p folder` for the block; if the block fails, the folders this made are removed again."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+    except BaseException:
+        for made in created:
+            with contextlib.suppress(OSError):  # not empty: another run writes there too
+                made.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path, force: bool, markers: Iterable[str], inputs: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield a staging folder beside target; it replaces target only if the block succeeds.
+
+    An existing target needs force, and then must be a folder this project wrote (one of markers)
+    that holds none of inputs (claim_target). If the block fails or the process is interrupted
+    (KeyboardInterrupt; run.py turns SIGTERM into one), the stage and any parent folders made for
+    it are removed.
+    """
+    claim_target(target, force, markers, inputs)
+    target = _absolute(target)
+    with user_os_errors(target), made_folder(target.parent):
+        tmp = Path(tempfile.mkdtemp(prefix=stage_prefix(target), dir=target.parent))
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should read like any folder made here
+            yield tmp
+            _swap_in(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename tmp to target; an old target is removed only once the new one is in place."""
+    if not target.exists():
+        tmp.rename(target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=stage_prefix(target, "old"), dir=target.parent))
+    target.rename(aside / target.name)
+    try:
+        tmp.rename(target)
+    except BaseException:
+        (aside / target.name).rename(target)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
