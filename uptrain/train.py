@@ -1,6 +1,7 @@
 """The uptraining loop: DeepSpeed engine, lm / kd / lm+kd loss, eval, checkpoints, export."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -122,6 +123,8 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
             record = {"step": done, "loss": mean_loss.item() / world_size, "lr": schedule.get_last_lr()[-1],
                       "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": done * tokens_per_step,
                       "tokens_per_s": tokens_per_step / (time.perf_counter() - tic)}
+            if torch.cuda.is_available():
+                record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             if skipped:
                 record["skipped"] = engine.skipped_steps
             if not math.isfinite(record["loss"]):
@@ -150,6 +153,8 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
     tic = time.perf_counter()
     checkpoint.export(engine, engine.module, tokenizer, final, zero3, export_dtype, recipe.export_max_shard_size)
     if log:
-        console.print(f"exported in {time.perf_counter() - tic:.1f} s")
+        seconds = time.perf_counter() - tic
+        (run_dir / "export.json").write_text(json.dumps({"seconds": round(seconds, 3), "dtype": str(export_dtype)}) + "\n")
+        console.print(f"exported in {seconds:.1f} s")
         plot(log.records(), run_dir / "metrics.png", run_dir.name)
     return final
