@@ -13,3 +13,4 @@ $PY bench/decode.py --model random --device cuda --dtype bfloat16 --contexts 102
     --new-tokens 64 --fit-context 4096 --fit-memory-gib 8 --out "$RESULTS/decode_cuda.json"
 $PY bench/uptrain_throughput.py --device cuda --layouts source,fusedkv,fusedkv_compiled,fusedkv_lite,skipv1 --micro-batch 16 --seq-len 2048 --steps 10 \
     --out "$RESULTS/uptrain_cuda.json"
+$PY bench/e2e_uptrain.py --shape smollm2-1.7b

@@ -37,13 +37,8 @@ class DataSpec:
     split: str = "train"
     name: str | None = None  # a hub dataset's config
     field: str = "text"
-    streaming: bool = False  # hub datasets larger than the disk: read as a stream
+    streaming: bool = False  # read as a stream, no Arrow copy: for corpora larger than the disk
     weight: float = 1.0  # share of a mixture's training sequences
-
-    def describe(self) -> str:
-        extra = [f"{k}={v}" for k, v in (("name", self.name), ("field", self.field if self.field != "text" else None))
-                 if v]
-        return self.path + (f" [{', '.join(extra)}]" if extra else "")
 
 
 SPEC_KEYS = tuple(f.name for f in dataclasses.fields(DataSpec))
@@ -146,7 +141,7 @@ def load(spec: DataSpec):
             # a text file's documents are its paragraphs; in a folder each text file is one document
             options = {"sample_by": "document" if path.is_dir() else "paragraph"} if kind == "text" else {}
             ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", cache_dir=cache,
-                                       **options)
+                                       streaming=spec.streaming, **options)
         elif _looks_local(spec.path):
             raise UserError(f"data {spec.path} does not exist")
         else:
@@ -165,9 +160,9 @@ def load(spec: DataSpec):
         if spec.split not in ds:
             raise UserError(f"dataset {spec.path!r} has no split {spec.split!r}; it has {', '.join(ds)}")
         ds = ds[spec.split]
-    columns = ds.column_names or []
-    if spec.field not in columns:
-        raise UserError(f"data {spec.path!r} has no {spec.field!r} field; it has {', '.join(columns) or 'none'}"
+    columns = ds.column_names  # None for a stream whose features its first record will tell
+    if columns is not None and spec.field not in columns:
+        raise UserError(f"data {spec.path!r} has no {spec.field!r} field; it has {', '.join(columns)}"
                         " (set field: in the data mapping)")
     return ds
 

@@ -156,3 +156,12 @@ def test_mixture_shares_follow_the_weights_at_every_step():
             assert index < sampler.sizes[source]
         total = (step + 1) * 4
         assert abs(counts[0] - 0.25 * total) <= 1
+
+
+def test_a_stream_is_read_only_as_far_as_the_cap(tmp_path, tokenizer):
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    spec = parse_spec({"path": str(tmp_path / "c.jsonl"), "streaming": True})
+    whole = straight(tokenizer, DOCS)
+    assert prepare(spec, tokenizer, tmp_path / "cache", builder=True).tokens.tolist() == whole
+    capped = prepare(spec, tokenizer, tmp_path / "cache", builder=True, max_tokens=20)
+    assert capped.tokens.tolist() == whole[:20]

@@ -153,7 +153,7 @@ def build(spec: DataSpec, tokenizer, folder: Path, max_tokens: int | None = None
     """Tokenize spec into a new store at folder (see the module docstring); max_tokens caps a stream."""
     import datasets
 
-    ds = load(spec)
+    ds = load(spec).select_columns([spec.field])
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     dtype = _token_dtype(tokenizer)
     streaming = isinstance(ds, datasets.IterableDataset)
@@ -164,7 +164,7 @@ def build(spec: DataSpec, tokenizer, folder: Path, max_tokens: int | None = None
     try:
         map_args = {} if streaming else {"num_proc": procs if procs > 1 else None,
                                          "cache_file_name": str(stage / "ids.arrow"), "desc": "tokenizing"}
-        tokenized = ds.map(_encoder(tokenizer, spec.field, eos), batched=True, remove_columns=ds.column_names,
+        tokenized = ds.map(_encoder(tokenizer, spec.field, eos), batched=True, remove_columns=[spec.field],
                            **map_args)
         count = documents = 0
         with (stage / "tokens.bin").open("wb") as out, progress() as bar:
