@@ -15,8 +15,8 @@ from rich.progress import (
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 130)
 
 
-def progress(*extra_columns) -> Progress:
-    """A progress bar with count, elapsed time and ETA; extra columns (e.g. loss) go at the end."""
+def progress() -> Progress:
+    """A progress bar with count, elapsed time and ETA."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -24,7 +24,6 @@ def progress(*extra_columns) -> Progress:
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        *extra_columns,
         console=console,
         transient=False,
     )

@@ -54,10 +54,6 @@ class Recipe:
     export_dtype: str = "auto"  # auto = the model checkpoint's dtype
     export_max_shard_size: str = "5GB"
 
-    @property
-    def tokens_per_micro_batch(self) -> int:
-        return self.micro_batch * self.seq_len
-
 
 INTS = ("seq_len", "micro_batch", "grad_accum", "global_batch", "eval_tokens", "warmup_steps", "zero_stage",
         "warmup_new_params_steps", "seed", "max_skipped_steps", "save_every", "keep_last", "eval_every", "log_every")
