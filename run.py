@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+from typing import NoReturn
 
 # name -> module that provides add_arguments(parser) and main(args) -> int
 SUBCOMMANDS = {
@@ -24,9 +26,37 @@ SUBCOMMANDS = {
 }
 
 
+def print_error(message: str) -> None:
+    """A user mistake as the user sees it: one line, however long (no wrapping, no markup read into it)."""
+    from rich.markup import escape
+
+    from common.console import console
+
+    one_line = " ".join(message.split())  # a message quoting a library's text may span lines
+    console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2 like any other user mistake, not a usage block.
+    Subparsers are made of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        print_error(f"{message} (see {self.prog} --help)")
+        sys.exit(2)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C: every `finally` and
+    `except BaseException` removes what it staged (kill -9 leftovers go with the next run instead)."""
+
+
+def _terminate(signum, frame) -> NoReturn:
+    raise Terminated
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     """Every subcommand is listed; only the chosen one is imported (keeps `--help` and start-up fast)."""
-    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
+    parser = Parser(prog="run.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -47,14 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if not a.startswith("--local_rank")]
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return importlib.import_module(args.module).main(args)
     except UserError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        print_error(str(err))
         return 2
+    except Terminated:
+        console.print("[bold red]terminated[/]")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ def layer_kv(step: LayerPass, keys: bool = True) -> tuple[torch.Tensor | None, t
     if not keys:
         return None, v
     k = attn.k_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+    if hasattr(attn, "k_norm"):  # Qwen3 normalizes each key head before RoPE
+        k = attn.k_norm(k)
     return rope(k, *step.ctx.rope), v
 
 

@@ -17,15 +17,17 @@ import yaml
 
 from common.console import console, progress
 from common.errors import UserError
+from common.options import as_bool
+from common.outputs import atomic_folder, claim_target
 from common.sources import default_wikitext, is_gguf, load_tokenizer, resolve_model_path
-from models import AUTO_MAP, LAYOUTS, write_model_code
+from models import AUTO_MAP, LAYOUTS, MODEL_TYPE, write_model_code
 from models.kv_layout import source_fields
 
 from .dtypes import ITEMSIZE, NAMES, TORCH_NAMES
 from .plan import Plan, TargetConfig, build_plan, mark_fitted, materialize, stream
 from .report import dry_run_table, fit_table, manifest
 from .source import TensorSource, open_source
-from .writer import atomic_folder, open_shards, parse_size
+from .writer import open_shards, parse_size
 
 if TYPE_CHECKING:  # torch and the models come in only where a conversion computes (a copy needs neither)
     import torch
@@ -46,6 +48,7 @@ DEFAULTS = {
     "seed": 0, "dtype": None, "max_shard_size": "5GB", "dry_run": False, "force": False,
     "ratio": 0.5, "commonkv_group_size": None, "commonkv_budget": "adaptive", "device": "auto",
 }
+BOOLEANS = ("dry_run", "force")
 NUMBERS = {"calib_tokens": int, "reconstruct_steps": int, "reconstruct_lr": float, "seed": int, "ratio": float,
            "storage_layers": int, "skipv1_own_heads": int, "commonkv_group_size": int}
 # Measured on SmolLM2-135M (bench/results/reconstruct_lr_sweep_cuda.json): lr 1e-2 sequential fits
@@ -54,6 +57,7 @@ NUMBERS = {"calib_tokens": int, "reconstruct_steps": int, "reconstruct_lr": floa
 # sequential ones, which ask each layer to cancel the drift of all layers below.
 RECONSTRUCT_DEFAULTS = {"commonkv": {"reconstruct_lr": 1e-3, "reconstruct_mode": "independent"}}
 RECONSTRUCT_DEFAULT = {"reconstruct_lr": 1e-2, "reconstruct_mode": "sequential"}
+MARKERS = ("conversion.json",)  # --force replaces only a folder that holds it: one convert wrote
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
@@ -89,8 +93,10 @@ def resolve_options(args: argparse.Namespace) -> dict:
     opts = dict(DEFAULTS)
     if args.plan:
         try:
-            planned = yaml.safe_load(Path(args.plan).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
+            planned = yaml.safe_load(Path(args.plan).read_text(encoding="utf-8")) or {}
+        except yaml.MarkedYAMLError as err:  # its own text spans several lines
+            raise UserError(f"cannot read plan {args.plan}: {err.problem} at line {err.problem_mark.line + 1}") from err
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
             raise UserError(f"cannot read plan {args.plan}: {err}") from err
         if not isinstance(planned, dict):
             raise UserError(f"plan {args.plan} must be a mapping of option: value")
@@ -103,6 +109,7 @@ def resolve_options(args: argparse.Namespace) -> dict:
         if opts[key] not in allowed:
             raise UserError(f"unknown {key} {opts[key]!r}; choose one of {', '.join(a for a in allowed if a)}")
     opts = checked_numbers(opts)
+    opts.update({key: as_bool(key, opts[key]) for key in BOOLEANS})  # a plan's `dry_run: "no"` is False
     if not 0 < opts["ratio"] <= 1:
         raise UserError(f"--ratio is the cached bytes kept, a fraction in (0, 1]; got {opts['ratio']:g}")
     if opts["layout"] == "commonkv" and opts["init"] == "calibrated":
@@ -160,7 +167,10 @@ def calibration_ids(source_path: Path, opts: dict) -> torch.Tensor:
     path = Path(opts["calib_text"]) if opts["calib_text"] else default_wikitext("valid")
     if not path.is_file():
         raise UserError(f"calibration text {path} does not exist")
-    text = path.read_text(encoding="utf-8")[: opts["calib_tokens"] * 16]  # plenty of characters, not a whole corpus
+    try:
+        text = path.read_text(encoding="utf-8")[: opts["calib_tokens"] * 16]  # plenty of characters, not a whole corpus
+    except UnicodeDecodeError as err:
+        raise UserError(f"calibration text {path} is not UTF-8 text (at byte {err.start}); save it as UTF-8") from err
     ids = load_tokenizer(source_path)(text)["input_ids"]
     n = min(opts["calib_tokens"], len(ids))
     if n < 64:
@@ -210,7 +220,7 @@ def fit(plan: Plan, source: TensorSource, ids: torch.Tensor, out: Path, opts: di
     reconstructing = opts["init"] == "reconstruct"
     read = kv_read(plan.config)
     kv: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
-    spill = spill_folder(source.config, ids, near=out.parent) if reconstructing else contextlib.nullcontext()
+    spill = spill_folder(source.config, ids, out) if reconstructing else contextlib.nullcontext()
     with spill as spill_dir:
         activations = SourceActivations(source.config, ids, spill_dir) if reconstructing else None
 
@@ -267,15 +277,15 @@ def check_output(out: Path, source_path: Path, nbytes: int) -> None:
     src_dir = (source_path if source_path.is_dir() else source_path.parent).resolve()
     if out.resolve() == src_dir or src_dir in out.resolve().parents:
         raise UserError(f"output {out} is inside the input folder {src_dir}; choose another --out")
-    probe = out.parent if out.parent.exists() else Path(".")
-    free = shutil.disk_usage(probe.resolve()).free
+    probe = next(p for p in out.resolve().parents if p.exists())  # where the output's bytes will go
+    free = shutil.disk_usage(probe).free
     if free < nbytes * 1.05:
         raise UserError(f"not enough disk space in {probe}: the output needs ~{nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
 
 
 def config_json(cfg: TargetConfig, dtype: str) -> str:
     """The converted config.json: the source's fields and the layout's, and how to load them."""
-    extra = {"model_type": "sharedkv", "architectures": ["SharedKVForCausalLM"], "auto_map": AUTO_MAP,
+    extra = {"model_type": MODEL_TYPE, "architectures": ["SharedKVForCausalLM"], "auto_map": AUTO_MAP,
              "dtype": TORCH_NAMES[dtype], "transformers_version": version("transformers")}
     return json.dumps({**cfg.to_dict(), **extra}, indent=2, sort_keys=True) + "\n"
 
@@ -310,8 +320,8 @@ def convert(opts: dict) -> int:
         dry_run_table(plan, source, dtype)
         return 0
     check_output(out, source_path, plan.param_count() * ITEMSIZE[dtype])
-    if out.exists() and not opts["force"]:
-        raise UserError(f"{out} already exists; pass --force to replace it")
+    inputs = [source_path] + ([Path(opts["calib_text"])] if opts["calib_text"] else [])
+    claim_target(out, opts["force"], MARKERS, inputs)  # before the fits: a refusal should not wait for them
     fit_report = []
     budget = opts["layout"] == "commonkv" and opts["commonkv_budget"] == "adaptive"
     if budget or opts["init"] != "copy":  # both read the calibration tokens: tokenized once (seconds for a GGUF)
@@ -322,7 +332,7 @@ def convert(opts: dict) -> int:
             plan, layer_fits = fit(plan, source, ids, out, opts)
             fit_report = fit_report + layer_fits
 
-    with atomic_folder(out, opts["force"]) as tmp, progress() as bar:
+    with atomic_folder(out, opts["force"], MARKERS, inputs) as tmp, progress() as bar:
         task = bar.add_task("writing tensors", total=len(plan.mappings))
         with open_shards(tmp, [(m.target, m.shape) for m in plan.mappings], dtype, max_bytes,
                          on_tensor=lambda: bar.advance(task)) as shards:

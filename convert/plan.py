@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     import torch
 
 FUSED_GATE_INIT = {"key_gate_bottom": 0.0, "key_gate_middle": 1.0, "value_gate_bottom": 1.0, "value_gate_middle": 0.0}
+# Source attention tensors a layer of each role does without: top layers read other layers' K/V
+# (keys already normalized), CommonKV rebuilds K/V from a latent and keeps k_norm for the rebuilt keys.
+DROPPED = {"fused": ("k_proj", "v_proj", "k_norm"), "lite": ("k_proj", "v_proj", "k_norm"),
+           "commonkv": ("k_proj", "v_proj")}
 
 
 class TargetConfig(KVLayout):
@@ -90,7 +94,7 @@ class Plan:
 
 
 def expected_source_shapes(cfg: KVLayout) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Llama/Mistral/Qwen2 checkpoint of this config must hold, with its shape."""
+    """Every tensor a Llama/Mistral/Qwen2/Qwen3 checkpoint of this config must hold, with its shape."""
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv, inter = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
@@ -104,6 +108,8 @@ def expected_source_shapes(cfg: KVLayout) -> dict[str, tuple[int, ...]]:
             has_bias = cfg.attention_bias if name == "o_proj" else cfg.qkv_bias
             if has_bias:
                 shapes[f"{p}self_attn.{name}.bias"] = shape[:1]
+        if cfg.qk_norm:
+            shapes[f"{p}self_attn.q_norm.weight"] = shapes[f"{p}self_attn.k_norm.weight"] = (d,)
         for name, shape in {"gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}.items():
             shapes[f"{p}mlp.{name}.weight"] = shape
             if cfg.mlp_bias:
@@ -136,10 +142,10 @@ def build_plan(source: TensorSource, cfg: TargetConfig, skipv1_init: str = "mean
     for key, shape in expected.items():
         parts = key.split(".")
         if len(parts) > 4 and parts[3] == "self_attn":
-            layer, proj, kind = int(parts[2]), parts[4], parts[5]
+            layer, proj = int(parts[2]), parts[4]
             role = cfg.layer_role(layer)
-            if role in ("fused", "lite", "commonkv") and proj in ("k_proj", "v_proj"):
-                continue  # top layers read other layers' K/V: these projections are dropped
+            if proj in DROPPED.get(role, ()):
+                continue
             if role == "skipv1" and proj == "v_proj":
                 own = cfg.skipv1_own_heads[layer]
                 args = {"own": own, "partners": skipv1_partners(own, cfg.num_key_value_heads) if skipv1_init == "mean" else None}

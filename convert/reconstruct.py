@@ -13,9 +13,10 @@ is trained alone, for a few hundred Adam steps, on the source's own activations:
 
 Only the layer being fitted trains (its gates, q_proj, o_proj and, for SkipV1, its own-head
 v_proj; for CommonKV its kv_up and, on a group's anchor, the shared kv_down, starting from the
-SVD); everything else is frozen. Each Adam step sees a batch of calibration sequences, so the
-pool (``--calib-tokens``) can be much larger than a batch: with the ~0.7M parameters of a
-SmolLM2 layer, 2,048 tokens are fitted far better than held-out text is.
+SVD; Qwen3's q_norm, and CommonKV's k_norm, with the projection they normalize); everything else
+is frozen. Each Adam step sees a batch of calibration sequences, so the pool
+(``--calib-tokens``) can be much larger than a batch: with the ~0.7M parameters of a SmolLM2
+layer, 2,048 tokens are fitted far better than held-out text is.
 
 Source and target are LayerwiseModels (convert/layerwise.py): one layer of each is in memory at
 a time. The source activations ((2 x layers + 1) x tokens x hidden floats: 2.3 GB for SmolLM2 at
@@ -36,16 +37,17 @@ import torch
 from torch import nn
 
 from common.console import progress
+from common.outputs import stage_prefix
 
 from .layerwise import LayerPass, LayerwiseModel, PoolContext, call_layer, pool_context
 
 SPILL_ABOVE_BYTES = 2 << 30  # source activations larger than this go to memory-mapped files
 
 FITTED_PARAMS = {
-    "fused": ("q_proj", "o_proj", "key_gate_bottom", "key_gate_middle", "value_gate_bottom", "value_gate_middle"),
-    "lite": ("q_proj", "o_proj"),
-    "skipv1": ("q_proj", "v_proj", "o_proj"),
-    "commonkv": ("q_proj", "kv_down", "kv_up", "o_proj"),  # kv_down only on a group's anchor
+    "fused": ("q_proj", "q_norm", "o_proj", "key_gate_bottom", "key_gate_middle", "value_gate_bottom", "value_gate_middle"),
+    "lite": ("q_proj", "q_norm", "o_proj"),
+    "skipv1": ("q_proj", "q_norm", "v_proj", "o_proj"),
+    "commonkv": ("q_proj", "q_norm", "kv_down", "kv_up", "k_norm", "o_proj"),  # kv_down only on a group's anchor
 }
 
 
@@ -95,15 +97,17 @@ class SourceActivations:
 
 
 @contextlib.contextmanager
-def spill_folder(source_config, ids: torch.Tensor, near: Path) -> Iterator[Path | None]:
-    """A temporary folder beside `near` for the source activations when they exceed SPILL_ABOVE_BYTES, else None."""
+def spill_folder(source_config, ids: torch.Tensor, out: Path) -> Iterator[Path | None]:
+    """A temporary folder beside the output folder `out` for the source activations when they
+    exceed SPILL_ABOVE_BYTES, else None. It is named as a stage of `out` (common.outputs), so the
+    next run on `out` removes it if this one is killed."""
     buffers = 2 * source_config.num_hidden_layers + 1  # SourceActivations: each layer's input and attention, the output
     needed = buffers * ids.numel() * source_config.hidden_size * 4
     if needed <= SPILL_ABOVE_BYTES:
         yield None
         return
-    near.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".reconstruct-activations-", dir=near) as folder:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=stage_prefix(out, "activations"), dir=out.parent) as folder:
         yield Path(folder)
 
 

@@ -1,4 +1,4 @@
-"""Sharded safetensors writer and atomic output folders.
+"""Sharded safetensors writer.
 
 Shards are laid out from the plan's shapes before any tensor is computed, so every shard's header
 and every tensor's place are known up front: each shard starts as its header, and tensors are
@@ -17,9 +17,7 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -235,32 +233,3 @@ def _pwrite_all(fd: int, data, offset: int) -> int:
         written = os.pwrite(fd, view[:WRITE_BYTES], offset)
         view, offset = view[written:], offset + written
     return total
-
-
-@contextlib.contextmanager
-def atomic_folder(target: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside target; it replaces target only if the block succeeds."""
-    if target.exists() and not force:
-        raise UserError(f"{target} already exists; pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint should read like any folder made here
-    try:
-        yield tmp
-        if target.exists():  # --force: the old folder is removed only once the new one is in place
-            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            target.rename(aside / target.name)
-            try:
-                tmp.rename(target)
-            except BaseException:
-                (aside / target.name).rename(target)
-                raise
-            finally:
-                shutil.rmtree(aside, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:  # KeyboardInterrupt too: never leave a partial folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

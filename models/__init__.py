@@ -2,18 +2,19 @@
 
 Nothing heavy is imported with the package: the layout arithmetic (``kv_layout``) is plain
 Python, and a copy conversion needs nothing else. ``SharedKVConfig`` (transformers, which imports
-torch: seconds) is imported on first use of its name, which also registers it with
-``AutoConfig``; the first use of a modeling name (``models.SharedKVForCausalLM``,
-``from models import kv_cache_bytes``, ...) imports the modeling code and registers
-``SharedKVForCausalLM`` with ``AutoModelForCausalLM``. Both classes are marked for
-``save_pretrained`` to copy their code into the checkpoint with an ``auto_map``, so a converted
-folder loads with ``trust_remote_code=True`` and no project on the path.
+torch: seconds) is imported on first use of its name; the first use of a modeling name
+(``models.SharedKVForCausalLM``, ``from models import kv_cache_bytes``, ...) imports the modeling
+code and registers ``SharedKVForCausalLM`` with ``AutoModelForCausalLM``. Both classes are marked
+for ``save_pretrained`` to copy their code into the checkpoint with an ``auto_map``, so a converted
+folder loads with ``trust_remote_code=True`` and no project on the path. The config is not
+registered with ``AutoConfig``: its model_type is "llama" (``kv_layout.MODEL_TYPE``), and
+registering it would make every Llama config in the process a ``SharedKVConfig``.
 """
 import importlib
 import shutil
 from pathlib import Path
 
-from .kv_layout import LAYOUTS, SUPPORTED_SOURCE_TYPES
+from .kv_layout import LAYOUTS, MODEL_TYPE, SUPPORTED_SOURCE_TYPES
 
 MODEL_CODE_FILES = ("configuration_sharedkv.py", "kv_layout.py", "modeling_sharedkv.py")
 AUTO_MAP = {
@@ -24,10 +25,7 @@ MODELING_NAMES = ("SharedKVForCausalLM", "SharedKVModel", "kv_cache_bytes")
 
 
 def _import_config() -> None:
-    from transformers import AutoConfig
-
     config = importlib.import_module(".configuration_sharedkv", __name__)
-    AutoConfig.register(config.SharedKVConfig.model_type, config.SharedKVConfig, exist_ok=True)
     config.SharedKVConfig.register_for_auto_class()
     globals()["SharedKVConfig"] = config.SharedKVConfig  # later lookups skip __getattr__
 
@@ -63,6 +61,7 @@ def write_model_code(folder: str | Path) -> None:
 __all__ = [
     "AUTO_MAP",
     "LAYOUTS",
+    "MODEL_TYPE",
     "SUPPORTED_SOURCE_TYPES",
     "SharedKVConfig",
     "SharedKVForCausalLM",

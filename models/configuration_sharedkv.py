@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from transformers import LlamaConfig
 
-from .kv_layout import LAYOUT_FIELDS, KVLayout, source_fields
+from .kv_layout import LAYOUT_FIELDS, MODEL_TYPE, KVLayout, source_fields
 
 
 class SharedKVConfig(KVLayout, LlamaConfig):
-    model_type = "sharedkv"
+    model_type = MODEL_TYPE  # what config.json says, or transformers warns on every load
 
     def __init__(self, **kwargs):
         layout = {name: kwargs.pop(name) for name in LAYOUT_FIELDS if name in kwargs}

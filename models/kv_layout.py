@@ -24,9 +24,23 @@ from __future__ import annotations
 import math
 
 LAYOUTS = ("fusedkv", "fusedkv_lite", "skipv1", "commonkv")
-SUPPORTED_SOURCE_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_SOURCE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# What a family's attention adds to Llama's, as the layout fields that say so: Qwen2 has biases on
+# q/k/v but not on o (Llama's attention_bias covers all four), Qwen3 a per-head RMSNorm of queries
+# and keys before RoPE.
+FAMILY_FIELDS = {"qwen2": {"qkv_bias": True, "attention_bias": False}, "qwen3": {"qk_norm": True}}
+MIXTURE_OF_EXPERTS_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# RoPE variants transformers' Llama rotary embedding computes (rope_parameters' rope_type); each
+# keeps every pair (j, j + head_dim/2) rotating together, which FusedKV's key gates rely on.
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+# A converted config.json's model_type. AutoTokenizer reads config.json first and, for a type
+# transformers does not know, stops to ask whether to run the folder's code; as "llama" the
+# tokenizer loads without remote code, while AutoModelForCausalLM with trust_remote_code=True
+# still takes auto_map's classes (without it transformers builds a plain Llama and lists the
+# missing k/v weights).
+MODEL_TYPE = "llama"
 # what set_layout stores: the fields a converted config.json adds to the source's
-LAYOUT_FIELDS = ("kv_layout", "source_model_type", "qkv_bias", "num_storage_layers", "skipv1_own_heads",
+LAYOUT_FIELDS = ("kv_layout", "source_model_type", "qkv_bias", "qk_norm", "num_storage_layers", "skipv1_own_heads",
                  "commonkv_ratio", "commonkv_group_size", "commonkv_ranks")
 # source config keys that describe the source file, not the model
 NOT_MODEL_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config",
@@ -35,16 +49,26 @@ NOT_MODEL_FIELDS = ("model_type", "architectures", "auto_map", "transformers_ver
 
 def source_fields(fields: dict, model_type: str | None) -> dict:
     """A supported source config's fields (a dict) as the shared-KV config takes them: everything
-    that describes the model kept, sliding windows refused, Qwen2's q/k/v biases made explicit."""
+    that describes the model kept (RoPE scaling included), sliding windows and RoPE variants Llama's
+    rotary embedding lacks refused, the family's attention extras made explicit (FAMILY_FIELDS)."""
+    supported = ", ".join(SUPPORTED_SOURCE_TYPES)
+    if model_type in MIXTURE_OF_EXPERTS_TYPES:
+        raise ValueError(f"mixture-of-experts sources ({model_type}) are not supported; supported: {supported}")
     if model_type not in SUPPORTED_SOURCE_TYPES:
-        raise ValueError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_SOURCE_TYPES)}")
+        raise ValueError(f"unsupported architecture {model_type!r}; supported: {supported}")
+    if "kv_layout" in fields:  # a converted checkpoint says "llama" too (MODEL_TYPE)
+        raise ValueError(f"this checkpoint is already converted ({fields['kv_layout']}); convert its source instead")
     fields = {k: v for k, v in fields.items() if k not in NOT_MODEL_FIELDS}
     if model_type == "mistral" and fields.get("sliding_window") is not None:
         raise ValueError("Mistral with a sliding window is not supported (set sliding_window to null)")
-    if model_type == "qwen2":
-        if fields.get("use_sliding_window"):
-            raise ValueError("Qwen2 with use_sliding_window=true is not supported")
-        fields["qkv_bias"], fields["attention_bias"] = True, False
+    if fields.get("use_sliding_window"):
+        raise ValueError(f"{model_type} with use_sliding_window=true (sliding-window attention) is not supported")
+    # a config.json older than transformers 5 names it rope_scaling; the config class reads both
+    rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    fields.update(FAMILY_FIELDS.get(model_type, {}))
     fields.pop("layer_types", None)  # sliding layers are refused above, so all layers are full attention
     fields.pop("sliding_window", None)
     if fields.get("head_dim") is None:
@@ -67,6 +91,7 @@ class KVLayout:
         commonkv_group_size: int | None = None,
         commonkv_ranks: list[int] | None = None,
         qkv_bias: bool | None = None,
+        qk_norm: bool = False,
         source_model_type: str = "llama",
     ) -> None:
         """Check the layout fields and store them, each default resolved (ValueError on bad ones)."""
@@ -77,8 +102,9 @@ class KVLayout:
             raise ValueError(f"cross-layer KV sharing needs at least 2 layers, got {layers}")
         self.kv_layout = kv_layout
         self.source_model_type = source_model_type
-        # Qwen2 has biases on q/k/v but not on o; Llama's attention_bias covers all four.
+        # unset: Llama's (and Qwen3's) attention_bias covers q/k/v as well as o; Qwen2 sets it (FAMILY_FIELDS)
         self.qkv_bias = bool(self.attention_bias) if qkv_bias is None else bool(qkv_bias)
+        self.qk_norm = bool(qk_norm)
 
         n = math.ceil(layers / 2) if num_storage_layers is None else int(num_storage_layers)
         if not 1 <= n <= layers:

@@ -10,6 +10,9 @@ without a cache, so incremental decoding equals a full forward by construction. 
 layers hold a ``DummyLayer`` in the cache (see ``SharedKVConfig.kv_sharing_modes``), and
 SkipV1 layers cache only their own value heads, so the cache really holds only what is stored.
 CommonKV caches one pre-RoPE latent per group of layers (see ``CommonKVAttention``).
+Qwen3's per-head RMSNorm of queries and keys before RoPE (``config.qk_norm``) sits where Qwen3 has
+it: every layer normalizes its queries, and every layer that makes keys (CommonKV: rebuilds them
+from the latent) normalizes those; layers that reuse another layer's keys reuse them normalized.
 
 This file is copied into every converted checkpoint, so it imports only torch and transformers.
 """
@@ -49,6 +52,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
+def head_norm(config: SharedKVConfig) -> nn.Module:
+    """Qwen3's RMSNorm over each query or key head (q_norm, k_norm); the other families have none."""
+    return LlamaRMSNorm(config.head_dim, eps=config.rms_norm_eps) if config.qk_norm else nn.Identity()
+
+
 class SharedKVAttention(nn.Module):
     """The query side every role shares; subclasses say where keys and values come from."""
 
@@ -64,11 +72,17 @@ class SharedKVAttention(nn.Module):
         self.is_causal = True
         hidden, heads = config.hidden_size, config.num_attention_heads
         self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=config.qkv_bias)
+        self.q_norm = head_norm(config)
         self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=config.attention_bias)
 
     def project(self, proj: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, seq, hidden) -> (batch, heads, seq, head_dim)."""
         return proj(hidden_states).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+    def queries(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE queries; cos/sin may cover earlier positions too (CommonKV): the queries take the last ones."""
+        q_len = hidden_states.shape[1]
+        return rope(self.q_norm(self.project(self.q_proj, hidden_states)), cos[:, -q_len:], sin[:, -q_len:])
 
     def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv: SharedKV):
         raise NotImplementedError
@@ -82,9 +96,8 @@ class SharedKVAttention(nn.Module):
         shared_kv: SharedKV | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cos, sin = position_embeddings  # CommonKV gets every key position: the queries are the last ones
-        q_len = hidden_states.shape[1]
-        query_states = rope(self.project(self.q_proj, hidden_states), cos[:, -q_len:], sin[:, -q_len:])
+        cos, sin = position_embeddings
+        query_states = self.queries(hidden_states, cos, sin)
         key_states, value_states = self.keys_values(hidden_states, cos, sin, past_key_values, shared_kv)
         attn_output, attn_weights = self.attention(query_states, key_states, value_states, attention_mask, **kwargs)
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
@@ -106,10 +119,11 @@ class StorageAttention(SharedKVAttention):
         super().__init__(config, layer_idx)
         kv_width = self.num_kv_heads * self.head_dim
         self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.qkv_bias)
+        self.k_norm = head_norm(config)
         self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.qkv_bias)
 
     def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv):
-        key_states = rope(self.project(self.k_proj, hidden_states), cos, sin)
+        key_states = rope(self.k_norm(self.project(self.k_proj, hidden_states)), cos, sin)
         value_states = self.project(self.v_proj, hidden_states)
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
@@ -171,7 +185,7 @@ class FusedAttention(SharedKVAttention):
         """
         cos, sin = position_embeddings
         batch = hidden_states.shape[0]
-        query = rope(self.project(self.q_proj, hidden_states), cos[:, -1:], sin[:, -1:])
+        query = self.queries(hidden_states, cos, sin)
         # (batch, heads, 1, d) -> (batch, kv_heads, group, d): query head h reads kv head h // group
         query = query.view(batch, self.num_kv_heads, self.num_key_value_groups, self.head_dim)
         (k0, v0), (km, vm) = shared_kv[0], shared_kv[self.middle]
@@ -200,6 +214,7 @@ class SkipV1Attention(SharedKVAttention):
         super().__init__(config, layer_idx)
         own = config.skipv1_own_heads[layer_idx]
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_norm = head_norm(config)
         self.v_proj = nn.Linear(config.hidden_size, len(own) * self.head_dim, bias=config.qkv_bias)
         # Own heads come first after the concat; head_order puts every head back at its index.
         # Plain lists, not buffers: the common case (own = first r heads) needs no index at all.
@@ -210,7 +225,7 @@ class SkipV1Attention(SharedKVAttention):
         self.head_order = None if in_order else [concat_order.index(h) for h in range(self.num_kv_heads)]
 
     def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv):
-        key_states = rope(self.project(self.k_proj, hidden_states), cos, sin)
+        key_states = rope(self.k_norm(self.project(self.k_proj, hidden_states)), cos, sin)
         own_values = self.project(self.v_proj, hidden_states)
         if past_key_values is not None:
             key_states, own_values = past_key_values.update(key_states, own_values, self.layer_idx)
@@ -244,10 +259,11 @@ class CommonKVAttention(SharedKVAttention):
     (rank r = ``commonkv_ranks[group]``); the cache holds only that latent, before RoPE, as one
     (batch, 1, tokens, r) "key" tensor with an empty value tensor, and the other layers of the
     group hold a ``DummyLayer``. Every layer maps the latent back with its own ``kv_up``
-    (r -> K and V, the source's q/k/v bias as its bias), then applies RoPE to the keys at
-    attention time, for every cached position: a latent cannot be rotated, since RoPE does not
-    commute with the up-projection. Positions are cache indices; the model passes rotary tables
-    for all of them and the queries use the last ones.
+    (r -> K and V, the source's q/k/v bias as its bias), normalizes the key heads where the source
+    does (Qwen3's k_norm), then applies RoPE to the keys at attention time, for every cached
+    position: a latent cannot be rotated, since RoPE does not commute with the up-projection.
+    Positions are cache indices; the model passes rotary tables for all of them and the queries
+    use the last ones.
 
     The factors come from the paper's SVD (``convert/commonkv.py``): the group's k/v weights
     stacked, W = U S Vt, ``kv_down`` = Vt[:r] and ``kv_up`` of layer l = its rows of U S[:, :r].
@@ -266,6 +282,7 @@ class CommonKVAttention(SharedKVAttention):
         if layer_idx == self.anchor:
             self.kv_down = nn.Linear(config.hidden_size, rank, bias=False)
         self.kv_up = nn.Linear(rank, 2 * kv_width, bias=config.qkv_bias)
+        self.k_norm = head_norm(config)
 
     def keys_values(self, hidden_states, cos, sin, past_key_values, shared_kv):
         if self.layer_idx == self.anchor:
@@ -276,7 +293,7 @@ class CommonKVAttention(SharedKVAttention):
         latent = shared_kv[self.anchor][0][:, 0]
         # (batch, tokens, 2 * kv_width) -> two (batch, kv_heads, tokens, head_dim)
         key_states, value_states = self.kv_up(latent).unflatten(-1, (2, self.num_kv_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
-        return rope(key_states, cos, sin), value_states
+        return rope(self.k_norm(key_states), cos, sin), value_states
 
 
 ATTENTION_CLASSES: dict[str, type[SharedKVAttention]] = {

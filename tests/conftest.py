@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints on disk that carry the real SmolLM2 tokenizer."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -8,15 +9,33 @@ import pytest
 import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import run
 from common.sources import default_wikitext
 
+# Llama 3.x RoPE scaled for a tiny model: trained on 8 positions, stretched 4x, so the 12-token
+# test inputs already run past the original context.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16, "use_sliding_window": False}),  # head_dim != hidden / heads
+    "llama3": (LlamaConfig, LlamaForCausalLM, {"rope_parameters": LLAMA3_ROPE, "max_position_embeddings": 32}),
 }
+
+
+def as_hub_llama3(folder: Path) -> None:
+    """config.json as Llama 3.x checkpoints on the hub have it: rope_theta and rope_scaling, the
+    names from before transformers 5, which the copy path passes through unread."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    path.write_text(json.dumps(config, indent=2))
 
 
 @pytest.fixture(scope="session")
@@ -35,18 +54,22 @@ def make_source(tmp_path, tokenizer_dir):
 
     def make(name="src", family="llama", layers=4, kv_heads=2, tied=True, seed=0, shard=None, hidden=32):
         config_cls, model_cls, extra = FAMILIES[family]
-        config = config_cls(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
-                            max_position_embeddings=512, tie_word_embeddings=tied, bos_token_id=1,
-                            eos_token_id=2, **extra)
+        config = config_cls(**{**dict(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+                                      max_position_embeddings=512, tie_word_embeddings=tied, bos_token_id=1,
+                                      eos_token_id=2), **extra})
         torch.manual_seed(seed)
         model = model_cls(config)
         with torch.no_grad():
             for pname, p in model.named_parameters():
                 if pname.endswith("bias"):
                     p.normal_(0, 0.2)
+                if pname.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's start at one: make them matter
+                    p.uniform_(0.5, 1.5)
         folder = tmp_path / name
         model.save_pretrained(folder, max_shard_size=shard or "5GB")
+        if family == "llama3":
+            as_hub_llama3(folder)
         for f in tokenizer_dir.iterdir():
             shutil.copy(f, folder / f.name)
         return folder

@@ -33,7 +33,8 @@ def norms_away_from_one(source):
     return source
 
 
-@pytest.mark.parametrize("family,kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2)])  # MHA, GQA, qkv bias
+# MHA, GQA, qkv bias, k_norm on the rebuilt keys, RoPE scaled past the original context at attention time
+@pytest.mark.parametrize("family,kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2), ("qwen3", 2), ("llama3", 2)])
 def test_full_rank_equals_source_logits(family, kv_heads):
     source = norms_away_from_one(random_source(family, kv_heads=kv_heads))
     model = commonkv_model(source, commonkv_ratio=1.0)
@@ -54,6 +55,15 @@ def test_measured_cache_bytes_equal_arithmetic(ratio, group_size):
     source_per_token = 2 * 6 * cfg.num_key_value_heads * cfg.head_dim * 4
     assert per_token == round(ratio * source_per_token / 4) * 4
     assert all(layer.values is None or layer.values.numel() == 0 for layer in cache.layers)  # latents only
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+def test_new_sources_decode_incrementally_and_cache_what_the_arithmetic_says(family):
+    model = commonkv_model(random_source(family, kv_heads=2), commonkv_ratio=0.5)
+    with torch.no_grad():
+        inc, cache = incremental_logits(model, IDS, prefix=8)
+        torch.testing.assert_close(inc, model(IDS).logits, atol=1e-5, rtol=0)
+    assert kv_cache_bytes(cache) == model.config.kv_cache_bytes_per_token(4) * IDS.numel()
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.3])
@@ -127,12 +137,13 @@ def test_convert_cli_end_to_end(make_source, cli, tmp_path):
     assert torch.isfinite(model(ids).logits).all()
 
 
-def test_convert_cli_ratio_one_is_exact(make_source, cli, tmp_path):
-    src = make_source(family="llama", kv_heads=2)
+@pytest.mark.parametrize("family", ["llama", "qwen3", "llama3"])  # llama3: 16 positions, past the original 8
+def test_convert_cli_ratio_one_is_exact(make_source, cli, tmp_path, family):
+    src = make_source(family=family, kv_heads=2)
     out = tmp_path / "full"
     assert cli("convert", "--source", src, "--layout", "commonkv", "--ratio", "1", "--commonkv-budget", "uniform",
                "--out", out) == 0
-    ids = torch.randint(0, 49152, (2, 9))
+    ids = torch.randint(0, 49152, (2, 16))
     with torch.no_grad():
         converted = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()(ids).logits
         original = AutoModelForCausalLM.from_pretrained(src).eval()(ids).logits

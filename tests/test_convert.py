@@ -33,7 +33,7 @@ def all_tensors(folder):
     return state
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("layout", ["fusedkv", "fusedkv_lite", "skipv1"])
 def test_round_trip_loads_and_keeps_storage_layers(make_source, cli, tmp_path, family, layout):
     src = make_source(family=family, tied=family != "qwen2")
@@ -52,6 +52,24 @@ def test_round_trip_loads_and_keeps_storage_layers(make_source, cli, tmp_path, f
     assert manifest["layout"] == layout and manifest["source"]["sha256"]
     assert manifest["source"]["files"]["model.safetensors"] == hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
     assert {m["target"] for m in manifest["mappings"]} == set(converted)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+def test_sharing_off_conversion_gives_the_source_logits(make_source, cli, tmp_path, family):
+    """FusedKV with every layer storing is the source: Qwen3's q/k norms come along, and Llama 3's
+    RoPE scaling (rope_scaling in the hub's config.json) survives into config.json and is applied
+    as the source applies it, at positions past the original context (8)."""
+    src = make_source(family=family, tied=family == "qwen3")
+    out = tmp_path / "out"
+    assert cli("convert", "--source", src, "--storage-layers", 4, "--out", out) == 0
+    ids = IDS.repeat(1, 2)  # 24 positions
+    model = load(out)
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(src).eval()(ids).logits
+        torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=0)
+    rope_type = "llama3" if family == "llama3" else "default"
+    assert model.config.rope_parameters["rope_type"] == model.model.rotary_emb.rope_type == rope_type
+    assert model.config.qk_norm == (family == "qwen3")
 
 
 def test_fusedkv_copy_init_equals_lite(make_source, cli, tmp_path):
@@ -149,8 +167,9 @@ def test_yaml_plan_with_flag_override(make_source, cli, tmp_path):
     assert load(tmp_path / "from-plan").config.kv_layout == "fusedkv_lite"
 
 
-def test_calibrated_gates_fit_better_than_copy(make_source, cli, tmp_path):
-    src = make_source(layers=4)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # Qwen3: fitted on normalized keys
+def test_calibrated_gates_fit_better_than_copy(make_source, cli, tmp_path, family):
+    src = make_source(layers=4, family=family)
     out = tmp_path / "cal"
     assert cli("convert", "--source", src, "--init", "calibrated", "--out", out, "--calib-tokens", 256) == 0
     fit = json.loads((out / "conversion.json").read_text())["fit"]
@@ -224,6 +243,24 @@ def test_fits_hold_one_layer_of_each_model_at_a_time(make_source, cli, tmp_path,
         assert all(p.is_meta for p in model.model.parameters())  # emptied again afterwards
 
 
+@pytest.mark.parametrize("layout,norms", [("fusedkv", ("q_norm",)), ("commonkv", ("q_norm", "k_norm"))])
+def test_reconstruct_fits_qwen3_norms_with_the_projections_they_normalize(make_source, cli, tmp_path, layout, norms):
+    src = make_source(family="qwen3")
+    out = tmp_path / "fit"
+    assert cli("convert", "--source", src, "--layout", layout, "--init", "reconstruct", "--calib-tokens", 128,
+               "--reconstruct-steps", 10, "--out", out) == 0
+    manifest = json.loads((out / "conversion.json").read_text())
+    layers = [f for f in manifest["fit"] if "layer" in f]  # CommonKV's anchors start exact here (rank = hidden)
+    assert all(f["error_after"] <= f["error_before"] for f in layers) and layers[-1]["error_after"] < layers[-1]["error_before"]
+    rules = {m["target"]: m["rule"] for m in manifest["mappings"]}
+    fitted, source_state = all_tensors(out), all_tensors(src)
+    for norm in norms:
+        key = f"model.layers.3.self_attn.{norm}.weight"
+        assert rules[key] == "fitted" and not torch.equal(fitted[key], source_state[key])
+    k_norm = "model.layers.3.self_attn.k_norm.weight"  # FusedKV's top layers have no keys of their own to normalize
+    assert (k_norm in rules) == (layout == "commonkv") and (k_norm in manifest["dropped"]) == (layout == "fusedkv")
+
+
 def test_reconstruct_spilled_activations_give_the_same_checkpoint(make_source, cli, tmp_path, monkeypatch):
     """A calibration pool of several batches, its source activations in RAM or spilled to memory-mapped
     files: the same bytes either way, and no spill folder left behind."""
@@ -283,7 +320,20 @@ def test_refuses_unsupported_architecture(make_source, cli, tmp_path, capsys):
     cfg = json.loads((src / "config.json").read_text())
     cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (src / "config.json").write_text(json.dumps(cfg))
-    assert_refused(cli, tmp_path, capsys, "--source", src, message="supported: llama, mistral, qwen2")
+    assert_refused(cli, tmp_path, capsys, "--source", src, message="supported: llama, mistral, qwen2, qwen3")
+
+
+@pytest.mark.parametrize("family,change,message", [
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 16}, "qwen3 with use_sliding_window=true"),
+    ("qwen3", {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]},
+     "mixture-of-experts sources (qwen3_moe) are not supported"),
+    ("llama3", {"rope_scaling": {"rope_type": "mrope", "mrope_section": [1, 1, 2]}}, "RoPE type 'mrope' is not supported"),
+])
+def test_refuses_what_newly_supported_sources_still_lack(make_source, cli, tmp_path, capsys, family, change, message):
+    src = make_source(family=family)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, **change}))
+    assert_refused(cli, tmp_path, capsys, "--source", src, message=message)
 
 
 def test_refuses_single_layer_model(make_source, cli, tmp_path, capsys):
@@ -445,7 +495,7 @@ def test_llama_copy_conversion_imports_neither_torch_nor_transformers(make_sourc
     assert len(converted) - len(gates) == len(source_state) - 4  # layers 2 and 3 lost k_proj and v_proj
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "llama3"])
 def test_converted_config_loads_as_transformers_builds_it(make_source, cli, tmp_path, family):
     """config.json is the source's fields plus the layout's; loaded, it equals the config that
     SharedKVConfig.from_source makes from transformers' own reading of the source."""

@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Config
-from transformers import MistralForCausalLM, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Config
+from transformers import MistralForCausalLM, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from models import SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes
 from models.modeling_sharedkv import FusedAttention
+from tests.conftest import LLAMA3_ROPE
 
 VOCAB = 101
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
@@ -21,22 +22,29 @@ def source_config(family="llama", layers=4, kv_heads=2, tied=False):
     kw = dict(COMMON, num_hidden_layers=layers, num_key_value_heads=kv_heads, tie_word_embeddings=tied)
     if family == "llama":
         return LlamaConfig(**kw)
+    if family == "llama3":  # 17-token inputs run past its original 8 positions
+        return LlamaConfig(**{**kw, "max_position_embeddings": 32}, rope_parameters=dict(LLAMA3_ROPE))
     if family == "mistral":
         return MistralConfig(sliding_window=None, **kw)
+    if family == "qwen3":
+        return Qwen3Config(head_dim=32, use_sliding_window=False, **kw)  # head_dim != hidden / heads (16)
     return Qwen2Config(use_sliding_window=False, **kw)
 
 
-SOURCE_CLASSES = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
+SOURCE_CLASSES = {"llama": LlamaForCausalLM, "llama3": LlamaForCausalLM, "mistral": MistralForCausalLM,
+                  "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}
 
 
 def random_source(family="llama", seed=0, **kw):
     torch.manual_seed(seed)
     cfg = source_config(family, **kw)
     model = SOURCE_CLASSES[family](cfg).eval()
-    with torch.no_grad():  # biases start at zero; make Qwen2's q/k/v biases matter
+    with torch.no_grad():  # biases start at zero and Qwen3's head norms at one; make them matter
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
     return model
 
 
@@ -82,7 +90,7 @@ LAYOUT_CASES = [
 
 # --- sharing switched off == the unconverted transformers model ----------------------------------
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "llama3"])
 @pytest.mark.parametrize("kv_heads,tied", [(4, False), (2, True)])
 @pytest.mark.parametrize("layout", ["fusedkv", "fusedkv_lite", "skipv1"])
 def test_sharing_off_equals_source_logits(family, kv_heads, tied, layout):
@@ -122,6 +130,62 @@ def test_fusedkv_copy_init_equals_lite():
     torch.testing.assert_close(fused(ids).logits, lite(ids).logits, atol=1e-6, rtol=0)
 
 
+class FusedCache(DynamicCache):
+    """A cache that makes transformers' own Llama/Qwen3 attention a FusedKV top layer: a top layer's
+    update returns the fusion of the bottom and middle layers' cached (post-RoPE) K/V, with the
+    gates of ``model``'s layer, instead of its own K/V."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        cfg = self.model.config
+        if cfg.layer_role(layer_idx) == "store":
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        (k0, v0), (km, vm) = ((self.layers[i].keys, self.layers[i].values) for i in (0, cfg.middle_layer))
+        if cfg.kv_layout == "fusedkv_lite":
+            return km, v0
+        attn = self.model.model.layers[layer_idx].self_attn
+        return attn.fuse(k0, km, v0, vm, *attn.gates(k0.dtype))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+@pytest.mark.parametrize("layout", ["fusedkv", "fusedkv_lite"])
+def test_top_layers_equal_the_source_attending_to_the_fused_cache(family, layout):
+    """The fusion reads keys as the source made them (Qwen3's k_norm, scaled RoPE past the original
+    context), and each top layer makes its queries as the source does (its own q_norm, the same RoPE)."""
+    source = random_source(family, kv_heads=2)
+    model = layout_model(layout, source=source)  # gates away from their copy init
+    top = {name.removeprefix("model.layers.3.") for name, _ in model.named_parameters() if name.startswith("model.layers.3.")}
+    assert not {"self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight"} & top
+    assert ("self_attn.q_norm.weight" in top) == (family == "qwen3")
+    ids = torch.randint(0, VOCAB, (2, 17))
+    with torch.no_grad():
+        reference = source(ids, past_key_values=FusedCache(model), use_cache=True).logits
+        torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 4.0}, {"rope_type": "dynamic", "factor": 4.0},
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+                                  {"rope_type": "longrope", "original_max_position_embeddings": 8,
+                                   "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}])
+def test_every_rope_scaling_is_applied_as_in_the_source(rope):
+    """Each RoPE variant Llama's rotary embedding has, past the original context and past
+    max_position_embeddings (where dynamic and longrope change their tables): same tables, same logits."""
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(LlamaConfig(**{**COMMON, "max_position_embeddings": 32}, num_hidden_layers=4,
+                                          num_key_value_heads=2, rope_parameters=dict(rope))).eval()
+    cfg = SharedKVConfig.from_source(source.config, "fusedkv", num_storage_layers=4)
+    model = SharedKVForCausalLM(cfg).eval()
+    model.load_state_dict(source.state_dict())
+    assert model.model.rotary_emb.rope_type == rope["rope_type"]
+    ids = torch.randint(0, VOCAB, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, source(ids).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, source.model.rotary_emb.inv_freq, atol=0, rtol=0)
+
+
 # --- incremental decoding equals a full forward --------------------------------------------------
 
 def incremental_logits(model, ids, prefix):
@@ -143,6 +207,19 @@ def test_incremental_decoding_equals_full_forward(layout, kwargs, kv_heads, laye
     full = model(ids).logits
     inc, _ = incremental_logits(model, ids, prefix=6)
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+@pytest.mark.parametrize("layout,kwargs", LAYOUT_CASES)
+def test_new_sources_decode_incrementally_and_cache_what_the_arithmetic_says(family, layout, kwargs):
+    """Qwen3 (head_dim != hidden / heads, q/k norms) and Llama 3 RoPE past the original context,
+    decoded by the inference paths (FusedKV's factored step, SkipV1's head blocks)."""
+    model = layout_model(layout, source=random_source(family, kv_heads=2), **kwargs)
+    ids = torch.randint(0, VOCAB, (2, 17))
+    with torch.no_grad():
+        inc, cache = incremental_logits(model, ids, prefix=10)
+        torch.testing.assert_close(inc, model(ids).logits, atol=1e-5, rtol=0)
+    assert kv_cache_bytes(cache) == model.config.kv_cache_bytes_per_token(4) * 2 * 17
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -382,7 +459,7 @@ def test_config_rejects_bad_layout_fields(bad, match):
 
 def test_unsupported_source_architecture_is_named():
     from transformers import GPT2Config
-    with pytest.raises(ValueError, match="supported: llama, mistral, qwen2"):
+    with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, qwen3"):
         SharedKVConfig.from_source(GPT2Config(), "fusedkv")
     with pytest.raises(ValueError, match="sliding window"):
         SharedKVConfig.from_source(MistralConfig(sliding_window=64, **COMMON), "fusedkv")

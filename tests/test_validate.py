@@ -263,7 +263,7 @@ def test_bad_inputs_exit_2(make_source, cli, tmp_path, capsys):
     out = tmp_path / "r"
     assert cli("validate", "--source", src, "--candidate", tmp_path / "missing", "--out", out) == 2
     assert cli("validate", "--source", src, "--candidate", not_a_model, "--out", out) == 2
-    assert cli("validate", "--source", src, "--candidate", src, "--data", empty, "--out", out) == 2
+    assert cli("validate", "--source", src, "--candidate", src, "--data", empty, "--decode-lengths", "8", "--out", out) == 2
     assert cli("validate", "--source", src, "--candidate", src, "--control", tmp_path / "nope", "--out", out) == 2
     assert cli("validate", "--source", src, "--candidate", src, "--stride", 0, "--out", out) == 2
     assert cli("validate", "--source", src, "--candidate", src, "--decode-lengths", "a,b", "--out", out) == 2

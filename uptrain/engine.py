@@ -48,7 +48,8 @@ def ds_config(recipe: Recipe, world_size: int) -> dict:
 
 
 def is_new_param(name: str, config) -> bool:
-    """Parameters the conversion created or reshaped: gates, CommonKV factors, SkipV1 own-head v_proj, top layers' q/o."""
+    """Parameters the conversion created or reshaped: gates, CommonKV factors, SkipV1 own-head v_proj, top layers'
+    q/o (and Qwen3's q_norm, which reconstruct fits with q_proj)."""
     if any(marker in name for marker in NEW_PARAM_MARKERS):
         return True
     parts = name.split(".")
@@ -56,7 +57,8 @@ def is_new_param(name: str, config) -> bool:
         return False
     role = config.layer_role(int(parts[parts.index("layers") + 1]))
     proj = parts[parts.index("self_attn") + 1]
-    return (role in ("fused", "lite") and proj in ("q_proj", "o_proj")) or (role == "skipv1" and proj == "v_proj")
+    top_layer_query = role in ("fused", "lite") and proj in ("q_proj", "q_norm", "o_proj")
+    return top_layer_query or (role == "skipv1" and proj == "v_proj")
 
 
 def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 from pathlib import Path
 
 import torch
@@ -21,7 +22,15 @@ import torch
 from common.console import console
 from common.data import read_text
 from common.errors import UserError
-from common.sources import OOD_TEXT, default_wikitext, is_gguf, load_causal_lm, load_tokenizer, resolve_model_path
+from common.sources import (
+    OOD_TEXT,
+    default_wikitext,
+    is_gguf,
+    load_causal_lm,
+    load_tokenizer,
+    max_positions,
+    resolve_model_path,
+)
 
 from .bootstrap import ratio_interval
 from .kvcache import arithmetic_bytes_per_token, measure_decode
@@ -86,7 +95,33 @@ def check_args(args: argparse.Namespace) -> dict[str, Path]:
     if args.control:
         paths["control"] = model_path("control", args.control)
     paths["candidate"] = model_path("candidate", args.candidate)
+    check_positions(paths, args)
     return paths
+
+
+def check_positions(paths: dict[str, Path], args: argparse.Namespace) -> None:
+    """--context and the decode runs fit in every model's positions (read from its config, not loaded)."""
+    longest = max(decode_lengths(args.decode_lengths))
+    decoded = longest + 1 + args.decode_new_tokens  # the prompt, one untimed warm-up step, the timed steps
+    for role, path in paths.items():
+        limit = max_positions(path)
+        if limit is None:  # the config does not say: loading the model will
+            continue
+        if args.context > limit:
+            raise UserError(f"--context {args.context} is longer than the {role}'s max_position_embeddings {limit}; "
+                            f"use --context {limit} or less")
+        if decoded > limit:
+            raise UserError(f"--decode-lengths {longest} needs {decoded} positions with --decode-new-tokens "
+                            f"{args.decode_new_tokens}, more than the {role}'s max_position_embeddings {limit}")
+
+
+def report_folder(args: argparse.Namespace, candidate: Path) -> Path:
+    """--out, or the default folder for the candidate; refused before any scoring if a file is in the way."""
+    out = Path(args.out) if args.out else default_out(candidate)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file; give a folder for report.json and report.md")
+    return out
 
 
 def held_out_texts(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -154,16 +189,23 @@ def evaluate_model(role: str, path: Path, token_sets, args) -> dict:
 
 
 def compare(candidate: WindowScores, reference: WindowScores, args) -> dict:
-    """Point ratio, paired-bootstrap 95% CI, and whether the CI excludes 1 (a real difference)."""
-    ratio = candidate.perplexity / reference.perplexity
-    low, high = ratio_interval(candidate, reference, args.bootstrap, args.seed)
-    return {"ratio": ratio, "ci_low": low, "ci_high": high, "real_difference": not low <= 1.0 <= high}
+    """Point ratio, paired-bootstrap 95% CI, and whether the CI excludes 1 (a real difference).
+
+    What the scores cannot give is None, never a made-up number: the ratio and CI when a model
+    diverged (perplexity inf), the CI from a single window (nothing to resample)."""
+    if not (math.isfinite(candidate.perplexity) and math.isfinite(reference.perplexity)):
+        return {"ratio": None, "ci_low": None, "ci_high": None, "real_difference": None, "diverged": True}
+    interval = ratio_interval(candidate, reference, args.bootstrap, args.seed)
+    low, high = interval or (None, None)
+    return {"ratio": candidate.perplexity / reference.perplexity, "ci_low": low, "ci_high": high,
+            "real_difference": None if interval is None else not low <= 1.0 <= high, "diverged": False}
 
 
 def verdict_rule(reference: str, tolerance: float) -> str:
     return (f"PASS when, on every held-out text, candidate ppl <= (1 + {tolerance:g}) x {reference} ppl "
-            "(point estimate on identical tokens; a candidate better than the reference passes). "
-            "The 95% CI is a paired bootstrap over windows: an interval that excludes 1 marks a real difference.")
+            "(point estimate on identical tokens; a candidate better than the reference passes; a diverged model, "
+            "perplexity inf, fails). The 95% CI is a paired bootstrap over windows (2 or more): an interval that "
+            "excludes 1 marks a real difference.")
 
 
 def build_report(args, token_sets, results: dict[str, dict]) -> dict:
@@ -178,7 +220,8 @@ def build_report(args, token_sets, results: dict[str, dict]) -> dict:
             "perplexity": {role: s.perplexity for role, s in scores.items()},
             "comparison": dict(compare(scores["candidate"], scores[reference], args), reference=reference),
         }
-        entry["comparison"]["pass"] = entry["comparison"]["ratio"] <= 1 + args.tolerance
+        ratio = entry["comparison"]["ratio"]
+        entry["comparison"]["pass"] = ratio is not None and ratio <= 1 + args.tolerance
         if reference == "control":  # what the naive comparison would have said
             entry["candidate_vs_source"] = compare(scores["candidate"], scores["source"], args)
         texts.append(entry)
@@ -192,7 +235,8 @@ def build_report(args, token_sets, results: dict[str, dict]) -> dict:
         "verdict": {
             "pass": passed, "exit_code": 0 if passed else 1, "reference": reference,
             "tolerance": args.tolerance, "rule": verdict_rule(reference, args.tolerance),
-            "summary": ", ".join(f"{t['name']} ratio {t['comparison']['ratio']:.4f}" for t in texts),
+            "summary": ", ".join(f"{t['name']} " + ("diverged" if t["comparison"]["diverged"] else
+                                                      f"ratio {t['comparison']['ratio']:.4f}") for t in texts),
         },
         "settings": {k: v for k, v in vars(args).items() if k not in ("module", "command")},
         "decode_lengths": decode_lengths(args.decode_lengths),
@@ -207,12 +251,12 @@ def default_out(candidate: Path) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     paths = check_args(args)
+    out = report_folder(args, paths["candidate"])
     texts = held_out_texts(args)
     token_sets = check_same_tokens(paths, texts, args)
     torch.manual_seed(args.seed)
     results = {role: evaluate_model(role, path, token_sets, args) for role, path in paths.items()}
     report = build_report(args, token_sets, results)
-    out = Path(args.out) if args.out else default_out(paths["candidate"])
     write_report(report, out)
     render_console(report)
     console.print(f"report: {out / 'report.md'}")

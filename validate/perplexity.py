@@ -24,7 +24,14 @@ class WindowScores:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll.sum() / self.count.sum())
+        """exp(mean NLL); inf for a model that diverged (NaN scores, or a mean past exp's range)."""
+        mean = float(self.nll.sum() / self.count.sum())
+        if math.isnan(mean):
+            return math.inf
+        try:
+            return math.exp(mean)
+        except OverflowError:
+            return math.inf
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:

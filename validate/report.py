@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from rich.table import Table
 
 from common.console import console
+from common.outputs import made_folder, user_os_errors
 
 
 def model_rows(report: dict) -> list[tuple[str, list[str]]]:
@@ -35,16 +37,20 @@ def comparison_lines(report: dict) -> list[str]:
     """One line per text and comparison: ratio, CI, whether it is a real difference, pass/fail."""
     lines = []
     for text in report["texts"]:
-        c = text["comparison"]
-        lines.append(f"{text['name']}: candidate/{c['reference']} ppl ratio {_ratio(c)} -> "
+        c, windows = text["comparison"], text["windows"]
+        lines.append(f"{text['name']}: candidate/{c['reference']} ppl ratio {_ratio(c, windows)} -> "
                      f"{'PASS' if c['pass'] else 'FAIL'}")
         if "candidate_vs_source" in text:
-            lines.append(f"{text['name']}: candidate/source ppl ratio {_ratio(text['candidate_vs_source'])} "
+            lines.append(f"{text['name']}: candidate/source ppl ratio {_ratio(text['candidate_vs_source'], windows)} "
                          "(for information; the verdict uses the control)")
     return lines
 
 
-def _ratio(c: dict) -> str:
+def _ratio(c: dict, windows: int) -> str:
+    if c["diverged"]:
+        return "undefined: a model diverged (perplexity inf)"
+    if c["ci_low"] is None:
+        return f"{c['ratio']:.4f} (95% CI undefined: {windows} window, it needs 2 or more)"
     real = "real difference" if c["real_difference"] else "not distinguishable from 1"
     return f"{c['ratio']:.4f} (95% CI {c['ci_low']:.4f}-{c['ci_high']:.4f}, {real})"
 
@@ -85,10 +91,28 @@ def render_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, folder: Path) -> None:
-    """report.json and report.md, each written to a temporary file first and renamed into place."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, content in (("report.json", json.dumps(report, indent=2, default=str) + "\n"),
-                          ("report.md", render_markdown(report))):
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, folder / name)
+    """report.json and report.md, both written to temporary files first and then renamed into place:
+    a full disk leaves the previous report or none, never half of one, and no temporary file."""
+    contents = {"report.json": json.dumps(_strict_json(report), indent=2, default=str, allow_nan=False) + "\n",
+                "report.md": render_markdown(report)}
+    staged = {name: folder / f".{name}.tmp" for name in contents}
+    with user_os_errors(folder), made_folder(folder):
+        try:
+            for name, tmp in staged.items():
+                tmp.write_text(contents[name], encoding="utf-8")
+            for name, tmp in staged.items():
+                os.replace(tmp, folder / name)
+        finally:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
+
+
+def _strict_json(value):
+    """value with every inf or NaN (a diverged model's perplexity) as None: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value

@@ -1,0 +1,165 @@
+"""Reliability catalogue for validate (issue 18): every fault listed here, by family.
+
+Bad flags are refused in one line with exit 2 before any model or tokenizer is loaded; numbers the
+scores cannot give (an interval from one window, the perplexity of a diverged model) are reported
+as such, never as a confident result or a traceback; a report that cannot be written is one line.
+"""
+import errno
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+TEXT = ("The river town grew up around a ford where the water ran shallow over a bed of flat stones. " * 6).strip()
+SMALL = ["--max-tokens", 48, "--context", 32, "--stride", 16, "--decode-lengths", "8", "--decode-new-tokens", 2,
+         "--bootstrap", 50]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and much faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "heldout.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def error_line(capsys) -> str:
+    """stderr's last line, its only error: no traceback, no message over several lines."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and lines[-1].startswith("error:"), err
+    assert sum(line.startswith("error:") for line in lines) == 1, err
+    return lines[-1]
+
+
+def edited_copy(src: Path, dest: Path, edit) -> Path:
+    """src copied to dest with its weights changed by edit(state)."""
+    shutil.copytree(src, dest)
+    state = load_file(dest / "model.safetensors")
+    edit(state)
+    save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def worse(state):
+    torch.manual_seed(1)
+    state["model.embed_tokens.weight"] += 0.5 * torch.randn_like(state["model.embed_tokens.weight"])
+
+
+def overflowing(state):
+    """Logits in the millions (the embeddings are tied to the output): mean NLL past exp's range."""
+    state["model.embed_tokens.weight"] *= 1e6
+
+
+def nan_weights(state):
+    state["model.layers.0.mlp.up_proj.weight"][:] = math.nan
+
+
+# --- refused before anything is loaded (the 512-position fixture model; the embedded GGUF's 8192)
+
+@pytest.mark.parametrize("extra,message", [
+    pytest.param(["--out", "{tmp}/notes.txt"], "is a file", id="out-is-a-file"),
+    pytest.param(["--out", "{tmp}/notes.txt/report"], "is a file", id="out-inside-a-file"),
+    pytest.param(["--context", 2048, "--stride", 256], "--context 2048 is longer than the source's "
+                 "max_position_embeddings 512", id="context-past-max-positions"),
+    pytest.param(["--decode-lengths", "8,4000"], "--decode-lengths 4000 needs 4017 positions",
+                 id="decode-length-past-max-positions"),
+    pytest.param(["--decode-lengths", "500"], "--decode-lengths 500 needs 517 positions",  # + warm-up + 16 steps
+                 id="decode-steps-past-max-positions"),
+    pytest.param(["--source", "default", "--candidate", "default", "--context", 9000, "--stride", 256],
+                 "max_position_embeddings 8192", id="context-past-a-gguf-context-length"),
+])
+def test_bad_flags_are_refused_before_loading(extra, message, make_source, cli, text_file, tmp_path, capsys,
+                                             monkeypatch):
+    def loading(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the flags were checked")
+
+    monkeypatch.setattr("validate.cli.load_causal_lm", loading)
+    monkeypatch.setattr("validate.cli.load_tokenizer", loading)
+    src = make_source()
+    (tmp_path / "notes.txt").write_text("mine")
+    extra = [str(a).replace("{tmp}", str(tmp_path)) for a in extra]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli("validate", "--source", src, "--candidate", src, "--data", text_file, "--out", tmp_path / "r",
+               "--decode-lengths", "8", *extra) == 2
+    assert message in error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# --- what the scores cannot say is reported as such
+
+def comparison_line(out: Path) -> str:
+    lines = [line for line in (out / "report.md").read_text().splitlines() if "candidate/source ppl ratio" in line]
+    assert len(lines) == 1
+    return lines[0]
+
+
+@pytest.mark.parametrize("edit,windows", [pytest.param(worse, ["--max-tokens", 24], id="one-window"),
+                                          pytest.param(overflowing, [], id="diverged-overflow"),
+                                          pytest.param(nan_weights, [], id="diverged-nan")])
+def test_undefined_numbers_are_reported_as_undefined(edit, windows, make_source, cli, text_file, tmp_path, capsys):
+    src = make_source()
+    candidate = edited_copy(src, tmp_path / "candidate", edit)
+    out = tmp_path / "report"
+    code = cli("validate", "--source", src, "--candidate", candidate, "--data", text_file, "--out", out, *SMALL, *windows)
+    assert "Traceback" not in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())  # strict JSON: no NaN or Infinity in it
+    comparison = report["texts"][0]["comparison"]
+    assert comparison["ci_low"] is comparison["ci_high"] is comparison["real_difference"] is None
+    line = comparison_line(out)
+    assert "real difference" not in line and "not distinguishable" not in line
+    if edit is worse:
+        assert report["texts"][0]["windows"] == 1 and "CI undefined: 1 window" in line
+    else:
+        assert code == 1 and not report["verdict"]["pass"] and comparison["diverged"]
+        assert report["texts"][0]["perplexity"]["candidate"] is None and comparison["ratio"] is None
+        assert "diverged" in line and line.endswith("FAIL")
+        ppl_row = next(row for row in (out / "report.md").read_text().splitlines() if row.startswith("| ppl"))
+        assert ppl_row.endswith("| inf |")  # the candidate's column
+
+
+# --- the report cannot be written: one line, no temporary file or half a report left
+
+@pytest.mark.parametrize("case", ["disk-full", "read-only"])
+def test_report_write_errors_are_one_line(case, make_source, cli, text_file, tmp_path, capsys, monkeypatch):
+    src = make_source()
+    out = tmp_path / "new" / "report"
+    if case == "disk-full":
+        write_text = Path.write_text
+
+        def full_at_the_markdown(self, *args, **kwargs):
+            if self.name.startswith(".report.md"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+            return write_text(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", full_at_the_markdown)
+        message = "disk full while writing"
+    else:
+        mkdir = os.mkdir
+
+        def read_only(path, *args, **kwargs):
+            if Path(path).parent == tmp_path:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", read_only)
+        message = "cannot write"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli("validate", "--source", src, "--candidate", src, "--data", text_file, "--out", out, *SMALL) == 2
+    line = error_line(capsys)
+    assert message in line and str(out) in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
