@@ -20,8 +20,10 @@ $(STAMP): requirements.txt
 demo: venv
 	$(PY) run.py demo
 
+# Two workers of one thread each: the tests' models are tiny, and two torch threads per process
+# on two cores measured up to 25x slower than one (threads spinning while the other core is busy).
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 # Throughput and memory on this machine (about 10 minutes on 2 cores): JSON in bench/results/.
 bench-cpu: venv

@@ -118,6 +118,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+def not_utf8(spec: DataSpec, err: UnicodeDecodeError) -> UserError:
+    return UserError(f"data {spec.path} is not UTF-8 text ({err.reason} at byte {err.start})")
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -153,7 +157,11 @@ def load(spec: DataSpec):
     except UserError:
         raise
     except UnicodeDecodeError as err:
-        raise UserError(f"data {spec.path} is not UTF-8 text ({_first_line(err)})") from err
+        raise not_utf8(spec, err) from err
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # what datasets says of files with no record in them
+            raise UserError(f"data {spec.path!r} holds no text") from err
+        raise UserError(f"cannot read data {spec.path!r}: {_first_line(err)}") from err
     except Exception as err:  # datasets and pyarrow raise many types; the user needs one line either way
         raise UserError(f"cannot read data {spec.path!r}: {_first_line(err)}") from err
     if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
@@ -170,7 +178,10 @@ def load(spec: DataSpec):
 def read_documents(spec: str | Path | dict, split: str = "train") -> list[str]:
     """Documents of a small data spec, in order (held-out texts). Raises UserError when empty."""
     parsed = parse_spec(spec, split)
-    docs = [str(t) for t in load(parsed)[parsed.field] if t is not None]
+    try:
+        docs = [str(t) for t in load(parsed)[parsed.field] if t is not None]
+    except UnicodeDecodeError as err:  # pyarrow keeps invalid UTF-8 until the text is read
+        raise not_utf8(parsed, err) from err
     if not any(doc.strip() for doc in docs):
         raise UserError(f"data {parsed.path!r} holds no text")
     return docs

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import run
 from common.sources import default_wikitext
+
+# One thread per test process (make test runs two workers on two cores), and for the processes tests start.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 # Llama 3.x RoPE scaled for a tiny model: trained on 8 positions, stretched 4x, so the 12-token
 # test inputs already run past the original context.
@@ -115,7 +120,8 @@ def recipe(tmp_path, converted, train_text):
     def write(name="run", **overrides):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({**UPTRAIN_BASE, "model": str(converted), "data": str(train_text),
-                                        "out": str(tmp_path / name), **overrides}))
+                                        "out": str(tmp_path / name), "token_cache": str(tmp_path / "tokens"),
+                                        **overrides}))
         return path
 
     return write

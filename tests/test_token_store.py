@@ -165,3 +165,11 @@ def test_a_stream_is_read_only_as_far_as_the_cap(tmp_path, tokenizer):
     assert prepare(spec, tokenizer, tmp_path / "cache", builder=True).tokens.tolist() == whole
     capped = prepare(spec, tokenizer, tmp_path / "cache", builder=True, max_tokens=20)
     assert capped.tokens.tolist() == whole[:20]
+
+
+def test_held_out_text_that_is_not_utf8_is_one_line(tmp_path):
+    from common.data import read_text
+
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match="bad.jsonl is not UTF-8 text"):
+        read_text(tmp_path / "bad.jsonl")

@@ -17,7 +17,14 @@ from pathlib import Path
 
 from common.console import console
 from common.errors import UserError
-from common.sources import DEFAULT_GGUF_NAME, default_model_path, load_causal_lm, load_tokenizer, resolve_model_path
+from common.sources import (
+    DEFAULT_GGUF_NAME,
+    default_model_path,
+    load_causal_lm,
+    load_tokenizer,
+    max_positions,
+    resolve_model_path,
+)
 
 from . import run_folder
 from .budget import SMOLLM2_135M_PRETRAINING_TOKENS, Budget, resolve_budget
@@ -113,12 +120,13 @@ def main(args: argparse.Namespace) -> int:
                 raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or set out to a new folder")
             if resuming:
                 run_folder.check_resume(run_dir, recipe, world_size)
+        context = max_positions(model_path)
+        if context is not None and recipe.seq_len > context:
+            raise UserError(f"seq_len {recipe.seq_len} exceeds the model's context ({context})")
         budget = plan_budget(recipe, model_path, source_path, world_size)
         tokenizer = load_tokenizer(model_path)
         data = prepare_data(recipe, tokenizer, budget.tokens)
         model = load_causal_lm(model_path).train()
-        if recipe.seq_len > model.config.max_position_embeddings:
-            raise UserError(f"seq_len {recipe.seq_len} exceeds the model's context ({model.config.max_position_embeddings})")
         teacher = load_causal_lm(source_path).eval() if recipe.loss != "lm" else None
         if rank == 0:
             if not resuming or not (run_dir / "recipe.yaml").is_file():

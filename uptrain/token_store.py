@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from common.console import console, progress
-from common.data import DataSpec, cpu_count, is_saved_dataset, load, local_files
+from common.data import DataSpec, cpu_count, is_saved_dataset, load, local_files, not_utf8
 from common.errors import UserError
 
 FORMAT = 1
@@ -191,7 +191,7 @@ def build(spec: DataSpec, tokenizer, folder: Path, max_tokens: int | None = None
         os.replace(stage, folder)
     except UnicodeDecodeError as err:  # pyarrow keeps invalid UTF-8 until the text is read
         shutil.rmtree(stage, ignore_errors=True)
-        raise UserError(f"data {spec.path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+        raise not_utf8(spec, err) from err
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
