@@ -55,7 +55,8 @@ def uptrain_step(model: Path | None, run: Path, steps: int, control: bool, force
         import shutil
 
         shutil.rmtree(run_dir)
-    uptrain_cli.main(argparse.Namespace(config=str(DEMO_RECIPE), set=overrides, resume=resume, control=control))
+    uptrain_cli.main(argparse.Namespace(config=str(DEMO_RECIPE), set=overrides, resume=resume, control=control,
+                                        resume_from=None, prepare_only=False))
     return run_dir / "final"
 
 
