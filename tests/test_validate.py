@@ -20,15 +20,6 @@ TEXT = ("The river town grew up around a ford where the water ran shallow over a
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and much faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def text_file(tmp_path):
     path = tmp_path / "heldout.txt"
