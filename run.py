@@ -22,7 +22,7 @@ SUBCOMMANDS = {
     "convert": ("convert.cli", "map a checkpoint to a shared-KV layout"),
     "uptrain": ("uptrain.cli", "recover quality with a DeepSpeed ZeRO job"),
     "validate": ("validate.cli", "perplexity and KV-cache bytes, candidate vs source"),
-    "demo": ("validate.demo", "convert, uptrain briefly and validate the embedded SmolLM2-135M"),
+    "demo": ("demo", "convert, uptrain briefly and validate the embedded SmolLM2-135M"),
 }
 
 

@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import machine_info  # noqa: E402
+import convert  # noqa: E402
+from common.options import load_options, parse_override  # noqa: E402
 from common.sources import default_wikitext, load_causal_lm, load_tokenizer  # noqa: E402
-from convert import cli as convert_cli  # noqa: E402
 from validate.perplexity import score_windows  # noqa: E402
 
 INITS = ("copy", "calibrated", "reconstruct")
@@ -51,15 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the conversions' fits pick the GPU the same way
     results = {"source": {"ppl": score_windows(load_causal_lm(None).to(device), ids, 512, 256, "source").perplexity}}
     print(f"source: {results['source']['ppl']:.2f}", flush=True)
-    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    overrides = dict(parse_override(item) for item in args.set)
     for layout in args.layouts.split(","):
         for init in args.inits.split(","):
             name = f"{layout}-{init}{args.tag}"
             out = Path(args.workdir) / name
             start = time.perf_counter()
             if not (out / "config.json").exists():
-                convert_cli.convert(convert_cli.checked_numbers({**convert_cli.DEFAULTS, **overrides, "layout": layout,
-                                                                 "init": init, "out": str(out), "force": True}))
+                convert.run(load_options(convert.ConvertOptions, overrides=args.set,
+                                         flags={"layout": layout, "init": init, "out": str(out), "force": True}))
             seconds = time.perf_counter() - start
             ppl = score_windows(load_causal_lm(out).to(device), ids, 512, 256, name).perplexity
             results[name] = {"layout": layout, "init": init, "convert_options": overrides, "ppl": ppl,

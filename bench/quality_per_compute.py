@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import machine_info  # noqa: E402
-from uptrain import cli as uptrain_cli  # noqa: E402
+import uptrain  # noqa: E402
 from uptrain.metrics import plot_eval_curves, read_records  # noqa: E402
+from uptrain.recipe import load_recipe  # noqa: E402
+from uptrain.stage import control_folder  # noqa: E402
 
 RECIPE = ROOT / "configs" / "uptrain-demo-cpu.yaml"
 
@@ -29,13 +31,12 @@ def run_arm(arm: str, workdir: Path, steps: int, eval_every: int) -> list[dict]:
     """arm: 'control', '<layout>-<init>' or '<layout>-<init>-kd'."""
     control = arm == "control"
     name, loss = (arm[:-3], "kd") if arm.endswith("-kd") else (arm, "lm")
-    run = workdir / "runs" / ("source" if control else arm)
-    run_dir = run.with_name(run.name + "-control") if control else run
-    shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [f"out={run}", f"budget={{steps: {steps}}}", f"eval_every={eval_every}", f"save_every={steps}",
-                 f"loss={loss}", "model=null" if control else f"model={workdir / name}"]
-    uptrain_cli.main(argparse.Namespace(config=str(RECIPE), set=overrides, resume=False, control=control))
-    return read_records(run_dir / "metrics.jsonl")
+    recipe = load_recipe(RECIPE, flags={
+        "out": str(workdir / "runs" / ("source" if control else arm)), "budget": {"steps": steps},
+        "eval_every": eval_every, "save_every": steps, "loss": loss, "control_arm": control,
+        "model": None if control else str(workdir / name)})
+    shutil.rmtree(control_folder(Path(recipe.out)) if control else recipe.out, ignore_errors=True)
+    return read_records(uptrain.run(recipe).metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,36 @@
-"""Option values as their types, the same way for every stage: YAML and `--set` give text or numbers.
+"""Every stage's options the same way: a dataclass, one loader, one command line.
 
-YAML 1.1 reads ``3e-4`` (no dot) as a string and ``.inf``/``.nan`` as floats; a plan or a recipe
-is read with the rules below instead, so ``lr: 3e-4`` is a number, ``seq_len: 64.5`` an error, a
-non-finite number is refused, and ``dry_run: "no"`` is False.
+A stage declares its options once, as dataclass fields made with `option()` (default, help text,
+choices). From that one declaration:
+
+- `load_options(cls, config, overrides, flags)` reads a YAML file, `--set key=value` overrides and
+  the stage's own flags (later wins), types every value from its annotation, checks choices, then
+  calls the dataclass's `check()` for rules between options;
+- `add_option_arguments(parser, cls, flags)` gives a subcommand `--config`, `--set` and its short
+  flags, with help texts that print the dataclass's defaults (never restated by hand);
+- `command_line(stage, options, flags)` writes the command that reproduces an options object.
+
+YAML 1.1 reads ``3e-4`` (no dot) as a string and ``.inf``/``.nan`` as floats; values are typed with
+the rules below instead, so ``lr: 3e-4`` is a number, ``seq_len: 64.5`` an error, a non-finite
+number is refused, and ``dry_run: "no"`` is False.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
+import shlex
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
 
 from .errors import UserError
 
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+T = TypeVar("T")
 
 
 def as_int(name: str, value) -> int:
@@ -47,3 +67,182 @@ def as_bool(name: str, value) -> bool:
     if text in FALSE:
         return False
     raise UserError(f"{name} must be true or false, got {value!r}")
+
+
+def as_str(name: str, value) -> str:
+    if isinstance(value, (dict, list)):
+        raise UserError(f"{name} must be a single value, got {value!r}")
+    return str(value)
+
+
+def as_ints(name: str, value) -> tuple[int, ...]:
+    """A list of integers from YAML (`[128, 512]`) or flags (`128,512`, repeatable)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return tuple(as_int(name, x) for item in items for x in (str(item).split(",") if isinstance(item, str) else [item])
+                 if str(x).strip())
+
+
+def as_strs(name: str, value) -> tuple[str, ...]:
+    """A list of values from YAML or a repeated flag (paths may hold commas: never split)."""
+    return tuple(as_str(name, x) for x in (value if isinstance(value, (list, tuple)) else [value]))
+
+
+CONVERTERS = {int: as_int, float: as_float, bool: as_bool, str: as_str,
+              tuple[int, ...]: as_ints, tuple[str, ...]: as_strs}
+
+
+def option(default: Any = None, help: str = "", choices: Sequence | None = None, factory=None) -> Any:
+    """A dataclass field that is an option: its default, its help text and, if fixed, its choices."""
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def fields_of(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def convert_value(cls, name: str, value):
+    """value as the type field `name` of cls declares; None stays None where the field allows it."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{name} needs a value")
+    if optional and len(args) == 2:
+        hint = next(a for a in args if a is not type(None))
+    converter = CONVERTERS.get(hint)
+    return converter(name, value) if converter else value  # composite values (a data spec) check themselves
+
+
+def typed(cls, raw: dict) -> dict:
+    """raw option values as their declared types, choices checked."""
+    fields = fields_of(cls)
+    out = {}
+    for name, value in raw.items():
+        out[name] = convert_value(cls, name, value)
+        choices = fields[name].metadata.get("choices")
+        if choices and out[name] not in choices:
+            raise UserError(f"unknown {name} {out[name]!r}; choose one of {', '.join(str(c) for c in choices if c)}")
+    return out
+
+
+def read_config(path: str | Path | None) -> dict:
+    """A YAML mapping of option: value, read with one-line errors."""
+    if not path:
+        return {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.MarkedYAMLError as err:  # its own text spans several lines
+        raise UserError(f"cannot read {path}: {err.problem} at line {err.problem_mark.line + 1}") from err
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from err
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a mapping of option: value")
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise UserError(f"--set expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise UserError(f"--set {text}: cannot read the value ({str(err).splitlines()[0]})") from err
+
+
+def load_options(cls: type[T], config: str | Path | None = None, overrides: Sequence[str] = (),
+                 flags: dict | None = None) -> T:
+    """cls from its defaults < a YAML file < `--set key=value` < flags given (None = not given)."""
+    raw = read_config(config)
+    raw.update(dict(parse_override(o) for o in overrides))
+    raw.update({k: v for k, v in (flags or {}).items() if v is not None})
+    known = fields_of(cls)
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        where = f" in {config}" if config and unknown[0] in read_config(config) else ""
+        raise UserError(f"unknown option {unknown[0]!r}{where}; known: {', '.join(known)}")
+    return checked(cls(**typed(cls, raw)))
+
+
+def checked(options: T) -> T:
+    """options after the dataclass's own rules between options (its `check()`), if it has any."""
+    check = getattr(options, "check", None)
+    if check is not None:
+        check()
+    return options
+
+
+def replace(options: T, **changes) -> T:
+    """options with some values changed, typed and checked like any other source of values."""
+    return checked(dataclasses.replace(options, **typed(type(options), changes)))
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def shown(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, cls, flags: Sequence[str], config_help: str = "") -> None:
+    """`--config`, `--set` and a flag per name in flags, each help text ending in the dataclass default.
+    Every option (flag or not) is listed with its default after the flags."""
+    fields = fields_of(cls)
+    parser.add_argument("--config", metavar="FILE",
+                        help=config_help or "YAML file of options (the keys listed below); flags and --set override it")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any option listed below")
+    for name in flags:
+        f = fields[name]
+        help_text = f"{f.metadata['help']} (default {shown(default_of(f))})".replace("%", "%%")
+        kind = typing.get_type_hints(cls)[name]
+        if kind is bool:
+            parser.add_argument(flag_name(name), dest=name, action="store_true", default=None, help=help_text)
+        elif tuple[str, ...] in (kind, *typing.get_args(kind)):
+            parser.add_argument(flag_name(name), dest=name, action="append", default=None,
+                                help=f"{help_text}; repeatable")
+        else:
+            choices = [c for c in f.metadata["choices"] or () if c is not None] or None
+            parser.add_argument(flag_name(name), dest=name, default=None, choices=choices, help=help_text)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    listing = "\n".join(f"  {name} = {shown(default_of(f))}" + (f"  {f.metadata['help']}" if f.metadata.get("help") else "")
+                        for name, f in fields.items())
+    parser.epilog = f"options (--config keys, --set KEY=VALUE), with their defaults:\n{listing}"
+
+
+def options_from_args(cls: type[T], args: argparse.Namespace, flags: Sequence[str]) -> T:
+    return load_options(cls, args.config, args.set, {name: getattr(args, name) for name in flags})
+
+
+def command_line(stage: str, options, flags: Sequence[str], config: str | Path | None = None) -> str:
+    """`python run.py <stage> [--config FILE] ...` that reproduces options: the values that differ
+    from the defaults (or from the config file's), each as a flag where the stage has one, else --set."""
+    parts = ["python", "run.py", stage, *(["--config", str(config)] if config else [])]
+    cls = type(options)
+    base = cls(**typed(cls, read_config(config)))
+    for name in fields_of(cls):
+        value = getattr(options, name)
+        if value == getattr(base, name):
+            continue
+        if name not in flags:
+            text = yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True,
+                                  width=1 << 20).strip().removesuffix("\n...")
+            parts += ["--set", f"{name}={text}"]
+        elif value is True:
+            parts.append(flag_name(name))
+        else:
+            parts += [flag_name(name), shown(value)]
+    return shlex.join(parts)

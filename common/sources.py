@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import struct
 from pathlib import Path
 
 from .errors import UserError
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# GGUFs up to this size (a Q4 model of ~1B parameters, ~4 GB dequantized) are cached dequantized
+MAX_CACHED_GGUF_BYTES = 600 * 2**20
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OOD_TEXT = PROJECT_ROOT / "data" / "ood" / "python-docs.txt"
 # GGUF metadata value types: struct formats of the fixed-size ones, and the two of variable size
@@ -93,7 +96,8 @@ def _gguf_context_length(path: Path) -> int | None:
 
         if fh.read(4) != b"GGUF" or read(u32) < 2:  # version 1 had 32-bit counts; long gone
             return None
-        _tensors, keys = read(u64), read(u64)
+        read(u64)  # the tensor count
+        keys = read(u64)
         arch = None
         for _ in range(keys):
             key, kind = fh.read(read(u64)).decode(), read(u32)
@@ -104,6 +108,63 @@ def _gguf_context_length(path: Path) -> int | None:
             else:
                 skip(kind)
     return None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KVSHARE_CACHE") or Path.home() / ".cache" / "kvshare-uptrain")
+
+
+def dequantized(path: Path) -> Path | None:
+    """A small GGUF's dequantized HF folder (fp32 weights, config, tokenizer), made on its first use
+    in the user cache (`KVSHARE_CACHE`, default ~/.cache/kvshare-uptrain) and read by every later
+    load: transformers rebuilds the tokenizer from the GGUF's token arrays and dequantizes every
+    tensor each time (tens of seconds for SmolLM2-135M; safetensors load in seconds). Keyed by the
+    file's name, size and modification time. None for a large GGUF (not copied to disk unasked) or
+    where the cache cannot be written."""
+    from .outputs import atomic_folder, waiting_lock
+
+    stat = path.stat()
+    if stat.st_size > MAX_CACHED_GGUF_BYTES:
+        return None
+    folder = cache_root() / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if (folder / "config.json").is_file():
+        return folder
+    try:
+        with waiting_lock(folder.with_name(folder.name + ".lock")):
+            if not (folder / "config.json").is_file():
+                model, tokenizer = _load_gguf_model(path), _load_gguf_tokenizer(path)
+                with atomic_folder(folder, False, ()) as tmp:
+                    model.save_pretrained(tmp)
+                    tokenizer.save_pretrained(tmp)
+    except (OSError, UserError):  # a read-only or full home: load from the GGUF every time instead
+        return None
+    return folder
+
+
+def _load_gguf_model(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return plain(AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32))
+
+
+def plain(model):
+    """A model loaded from a GGUF, dequantized on load: without its quantizer it saves as plain safetensors."""
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    return model
+
+
+def _load_gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def readable_location(path: Path) -> tuple[str, dict]:
+    """from_pretrained arguments for path, a GGUF read through its dequantized folder where there is one."""
+    folder = dequantized(path) if is_gguf(path) else None
+    return (str(folder), {}) if folder else model_location(path)
 
 
 def load_causal_lm(path: str | Path | None, dtype=None, attn_implementation: str | None = None):
@@ -117,7 +178,7 @@ def load_causal_lm(path: str | Path | None, dtype=None, attn_implementation: str
 
     hf_logging.disable_progress_bar()  # our own progress bars are enough; theirs clutter logs
 
-    root, extra = model_location(resolve_model_path(path))
+    root, extra = readable_location(resolve_model_path(path))
     kwargs = dict(extra, dtype=dtype or torch.float32, trust_remote_code=True)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -125,16 +186,13 @@ def load_causal_lm(path: str | Path | None, dtype=None, attn_implementation: str
         model = AutoModelForCausalLM.from_pretrained(root, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from err
-    if extra:  # GGUF weights are dequantized on load: forget the quantizer so the model saves as plain safetensors
-        model.hf_quantizer = None
-        model.config.__dict__.pop("quantization_config", None)
-    return model.eval()
+    return (plain(model) if extra else model).eval()
 
 
 def load_tokenizer(path: str | Path | None):
     from transformers import AutoTokenizer
 
-    root, extra = model_location(resolve_model_path(path))
+    root, extra = readable_location(resolve_model_path(path))
     try:
         # trust_remote_code as in load_causal_lm: a converted folder's auto_map would otherwise prompt on stdin
         return AutoTokenizer.from_pretrained(root, trust_remote_code=True, **extra)

@@ -1,6 +1,7 @@
 """What a conversion tells the user: the dry-run table and the conversion.json manifest."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from importlib.metadata import version
@@ -11,12 +12,20 @@ from rich.table import Table
 from common.console import console
 
 from .dtypes import ITEMSIZE, TORCH_NAMES
+from .options import ConvertOptions
 from .plan import Plan, expected_source_shapes
 from .source import TensorSource
 
 
 def source_kv_bytes_per_token(cfg, bytes_per_element: int) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * bytes_per_element
+
+
+def kv_bytes_per_token(plan: Plan, dtype: str) -> dict[str, int]:
+    """KV-cache bytes per token of the source and of the converted model, at the output dtype."""
+    element = ITEMSIZE[dtype]
+    return {"source": source_kv_bytes_per_token(plan.config, element),
+            "converted": plan.config.kv_cache_bytes_per_token(element)}
 
 
 def dry_run_table(plan: Plan, source: TensorSource, dtype: str) -> None:
@@ -31,9 +40,8 @@ def dry_run_table(plan: Plan, source: TensorSource, dtype: str) -> None:
         table.add_row("-", "drop", key, "x".join(map(str, source.shapes[key])))
     console.print(table)
     rules = Counter(m.rule for m in plan.mappings)
-    element = ITEMSIZE[dtype]
     before = sum(math.prod(s) for s in expected_source_shapes(cfg).values())  # a tied lm_head counts once
-    kv_before, kv_after = source_kv_bytes_per_token(cfg, element), cfg.kv_cache_bytes_per_token(element)
+    kv_before, kv_after = kv_bytes_per_token(plan, dtype).values()
     summary = Table(title="summary", show_header=False)
     summary.add_row("tensors kept (copy)", str(rules["copy"]))
     summary.add_row("tensors reshaped (heads)", str(rules["heads"]))
@@ -59,18 +67,18 @@ def fit_table(rows: list[dict], title: str) -> None:
     console.print(table)
 
 
-def manifest(plan: Plan, source_path: Path, source_hash: dict, opts: dict, dtype: str,
+def manifest(plan: Plan, source_path: Path, source_hash: dict, opts: ConvertOptions, dtype: str,
              fit_report: list[dict]) -> dict:
     """conversion.json: the executed plan plus what is needed to reproduce or audit it."""
-    element = ITEMSIZE[dtype]
+    lr, mode = opts.reconstruct_settings()
+    options = {**dataclasses.asdict(opts), "reconstruct_lr": lr, "reconstruct_mode": mode}
     return {
         "source": {"path": str(source_path), **source_hash, "model_type": plan.config.source_model_type},
         "layout": plan.config.kv_layout,
-        "init": opts["init"],
-        "options": {k: v for k, v in sorted(opts.items()) if k not in ("force", "dry_run", "out")},
+        "init": opts.init,
+        "options": {k: v for k, v in sorted(options.items()) if k not in ("force", "dry_run", "out")},
         "dtype": TORCH_NAMES[dtype],
-        "kv_cache_bytes_per_token": {"source": source_kv_bytes_per_token(plan.config, element),
-                                     "converted": plan.config.kv_cache_bytes_per_token(element)},
+        "kv_cache_bytes_per_token": kv_bytes_per_token(plan, dtype),
         "mappings": [m.as_dict() for m in plan.mappings],
         "dropped": plan.dropped,
         "fit": fit_report,

@@ -122,7 +122,7 @@ def test_adaptive_budget_gives_more_rank_to_the_less_similar_group():
 def test_convert_cli_end_to_end(make_source, cli, tmp_path):
     src = make_source(family="qwen2", tied=False)
     out = tmp_path / "ckv"
-    assert cli("convert", "--source", src, "--layout", "commonkv", "--ratio", "0.5", "--calib-tokens", 128,
+    assert cli("convert", "--source", src, "--layout", "commonkv", "--commonkv-ratio", "0.5", "--calib-tokens", 128,
                "--out", out) == 0
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert model.config.kv_layout == "commonkv" and (out / "modeling_sharedkv.py").is_file()
@@ -141,7 +141,7 @@ def test_convert_cli_end_to_end(make_source, cli, tmp_path):
 def test_convert_cli_ratio_one_is_exact(make_source, cli, tmp_path, family):
     src = make_source(family=family, kv_heads=2)
     out = tmp_path / "full"
-    assert cli("convert", "--source", src, "--layout", "commonkv", "--ratio", "1", "--commonkv-budget", "uniform",
+    assert cli("convert", "--source", src, "--layout", "commonkv", "--commonkv-ratio", "1", "--commonkv-budget", "uniform",
                "--out", out) == 0
     ids = torch.randint(0, 49152, (2, 16))
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_convert_cli_ratio_one_is_exact(make_source, cli, tmp_path, family):
 
 def test_reconstruct_fits_the_factors_and_moves_the_outputs_back_to_the_source(make_source, cli, tmp_path):
     src = make_source(layers=4, kv_heads=2)
-    common = ["--source", src, "--layout", "commonkv", "--ratio", "0.5", "--calib-tokens", 256]
+    common = ["--source", src, "--layout", "commonkv", "--commonkv-ratio", "0.5", "--calib-tokens", 256]
     assert cli("convert", *common, "--out", tmp_path / "svd") == 0
     assert cli("convert", *common, "--init", "reconstruct", "--reconstruct-steps", 40, "--out", tmp_path / "fit") == 0
     manifest = json.loads((tmp_path / "fit" / "conversion.json").read_text())
@@ -173,18 +173,17 @@ def test_reconstruct_fits_the_factors_and_moves_the_outputs_back_to_the_source(m
 
 
 def test_reconstruct_defaults_follow_the_layout_and_give_way_to_flags():
-    from convert.cli import DEFAULTS, with_layout_defaults
+    from convert import ConvertOptions
 
     def resolved(**opts):
-        out = with_layout_defaults({**DEFAULTS, **opts})
-        return out["reconstruct_lr"], out["reconstruct_mode"]
+        return ConvertOptions(**opts).reconstruct_settings()
 
     assert resolved(layout="commonkv") == (1e-3, "independent")
     assert resolved(layout="skipv1") == resolved(layout="fusedkv") == (1e-2, "sequential")
     assert resolved(layout="commonkv", reconstruct_lr=0.05, reconstruct_mode="sequential") == (0.05, "sequential")
 
 
-@pytest.mark.parametrize("argv", [("--ratio", "0"), ("--ratio", "1.5"), ("--ratio", "-0.2"), ("--ratio", "half"),
+@pytest.mark.parametrize("argv", [("--commonkv-ratio", "0"), ("--commonkv-ratio", "1.5"), ("--commonkv-ratio", "-0.2"), ("--commonkv-ratio", "half"),
                                   ("--init", "calibrated")])
 def test_bad_commonkv_options_exit_2_and_write_nothing(make_source, cli, tmp_path, argv):
     src = make_source()
@@ -203,7 +202,7 @@ def test_uptrain_then_validate_a_commonkv_checkpoint(make_source, cli, tmp_path)
 
     src = make_source(layers=5)
     converted = tmp_path / "ckv"
-    assert cli("convert", "--source", src, "--layout", "commonkv", "--ratio", "0.5", "--calib-tokens", 128,
+    assert cli("convert", "--source", src, "--layout", "commonkv", "--commonkv-ratio", "0.5", "--calib-tokens", 128,
                "--out", converted) == 0
     text = tmp_path / "train.txt"
     text.write_text(default_wikitext("valid").read_text()[:20000])

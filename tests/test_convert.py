@@ -1,5 +1,4 @@
 """convert: round trips, initializations, sharding, determinism, dry run and every bad input."""
-import argparse
 import hashlib
 import json
 import math
@@ -163,7 +162,7 @@ def test_yaml_plan_with_flag_override(make_source, cli, tmp_path):
     src = make_source()
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"source: {src}\nlayout: skipv1\nout: {tmp_path / 'from-plan'}\n")
-    assert cli("convert", "--plan", plan, "--layout", "fusedkv_lite") == 0
+    assert cli("convert", "--config", plan, "--layout", "fusedkv_lite") == 0
     assert load(tmp_path / "from-plan").config.kv_layout == "fusedkv_lite"
 
 
@@ -397,7 +396,7 @@ def test_interrupt_while_writing_leaves_no_partial_folder(make_source, cli, tmp_
             raise KeyboardInterrupt
         return convert.plan.stream(plan, source, mapping)
 
-    monkeypatch.setattr("convert.cli.stream", interrupted)
+    monkeypatch.setattr("convert.stage.stream", interrupted)
     assert cli("convert", "--source", src, "--out", tmp_path / "out") == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
@@ -422,25 +421,26 @@ def test_refuses_pickle_checkpoint(make_source, cli, tmp_path, capsys):
 def test_refuses_unknown_layout_and_init(make_source, cli, tmp_path, capsys):
     src = make_source()
     assert cli("convert", "--source", src, "--layout", "mla", "--out", tmp_path / "x") == 2
-    assert_refused(cli, tmp_path, capsys, "--source", src, "--init", "magic", message="unknown init")
+    assert_refused(cli, tmp_path, capsys, "--source", src, "--init", "magic", message="invalid choice: 'magic'")
     plan = tmp_path / "plan.yaml"
     plan.write_text("layout: mla\n")
-    assert_refused(cli, tmp_path, capsys, "--source", src, "--plan", plan, message="unknown layout")
+    assert_refused(cli, tmp_path, capsys, "--source", src, "--config", plan, message="unknown layout")
 
 
 def test_plan_numbers_are_read_as_numbers_and_bad_ones_refused(make_source, cli, tmp_path, capsys):
-    from convert.cli import resolve_options
+    from common.options import load_options
+    from convert import ConvertOptions
 
     plan = tmp_path / "plan.yaml"
     plan.write_text("reconstruct_lr: 1e-3\ncalib_tokens: 2048\n")  # YAML 1.1 reads 1e-3 as a string
-    opts = resolve_options(argparse.Namespace(plan=str(plan)))
-    assert (opts["reconstruct_lr"], opts["calib_tokens"]) == (1e-3, 2048)
+    opts = load_options(ConvertOptions, plan)
+    assert (opts.reconstruct_lr, opts.calib_tokens) == (1e-3, 2048)
     src = make_source()
     for text, message in (("calib_tokens: many\n", "calib_tokens must be an integer"),
                           ("reconstruct_lr: -1\n", "reconstruct_lr must be > 0"),
                           ("reconstruct_steps: 2.5\n", "reconstruct_steps must be an integer")):
         plan.write_text(text)
-        assert_refused(cli, tmp_path, capsys, "--source", src, "--plan", plan, message=message)
+        assert_refused(cli, tmp_path, capsys, "--source", src, "--config", plan, message=message)
 
 
 def test_refuses_output_inside_input_and_existing_output(make_source, cli, tmp_path, capsys):
@@ -455,10 +455,10 @@ def test_refuses_output_inside_input_and_existing_output(make_source, cli, tmp_p
 
 
 def test_refuses_when_disk_is_too_small(make_source, cli, tmp_path, capsys, monkeypatch):
-    import convert.cli
+    import convert.stage
 
     src = make_source()
-    monkeypatch.setattr(convert.cli.shutil, "disk_usage", lambda p: type("u", (), {"free": 1000})())
+    monkeypatch.setattr(convert.stage.shutil, "disk_usage", lambda p: type("u", (), {"free": 1000})())
     assert_refused(cli, tmp_path, capsys, "--source", src, message="not enough disk space")
 
 

@@ -195,8 +195,8 @@ def test_os_errors_are_one_line_and_leave_nothing(case, make_source, cli, tmp_pa
     pytest.param(None, "is not UTF-8 text", id="calib-text-not-utf8"),
     pytest.param("force: maybe\n", "force must be true or false, got 'maybe'", id="plan-force-not-a-boolean"),
     pytest.param("dry_run: 2\n", "dry_run must be true or false, got 2", id="plan-dry-run-a-number"),
-    pytest.param("layout: [fusedkv\n", "cannot read plan", id="plan-not-yaml"),
-    pytest.param(b"layout: fusedkv # caf\xe9\n", "cannot read plan", id="plan-not-utf8"),
+    pytest.param("layout: [fusedkv\n", "cannot read", id="plan-not-yaml"),
+    pytest.param(b"layout: fusedkv # caf\xe9\n", "cannot read", id="plan-not-utf8"),
 ])
 def test_bad_inputs_are_one_line(text, message, make_source, cli, tmp_path, capsys):
     src = make_source()
@@ -206,7 +206,7 @@ def test_bad_inputs_are_one_line(text, message, make_source, cli, tmp_path, caps
         argv = ["--init", "calibrated", "--calib-text", bad]
     else:
         (tmp_path / "plan.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
-        argv = ["--plan", tmp_path / "plan.yaml"]
+        argv = ["--config", tmp_path / "plan.yaml"]
     assert cli("convert", "--source", src, "--out", tmp_path / "out", *argv) == 2
     assert message in error_line(capsys)
     assert not (tmp_path / "out").exists()
@@ -218,17 +218,17 @@ def test_plan_booleans_mean_what_they_say(value, dry, make_source, cli, tmp_path
     src = make_source()
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"dry_run: {value!r}\n" if isinstance(value, str) else f"dry_run: {str(value).lower()}\n")
-    assert cli("convert", "--source", src, "--out", tmp_path / "out", "--plan", plan) == 0
+    assert cli("convert", "--source", src, "--out", tmp_path / "out", "--config", plan) == 0
     assert (tmp_path / "out").exists() == (not dry)
 
 
 def test_disk_space_is_checked_where_the_output_will_be(make_source, cli, tmp_path, capsys, monkeypatch):
     """--out's parent does not exist yet: the nearest folder that does is where the bytes go."""
-    import convert.cli
+    import convert.stage
 
-    real = convert.cli.shutil.disk_usage
+    real = convert.stage.shutil.disk_usage
     src = make_source()
-    monkeypatch.setattr(convert.cli.shutil, "disk_usage", lambda path: type("usage", (), {"free": 1000})()
+    monkeypatch.setattr(convert.stage.shutil, "disk_usage", lambda path: type("usage", (), {"free": 1000})()
                         if Path(path) == tmp_path else real(path))
     assert cli("convert", "--source", src, "--out", tmp_path / "new" / "deeper" / "out") == 2
     assert f"not enough disk space in {tmp_path}" in error_line(capsys)
@@ -237,12 +237,16 @@ def test_disk_space_is_checked_where_the_output_will_be(make_source, cli, tmp_pa
 
 # --- run.py: the command line itself
 
-@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["convert", "--bogus"], ["convert", "--layout", "mla"],
-                                  ["validate"], ["validate", "--candidate", "x", "--context", "many"]],
-                         ids=["no-command", "unknown-command", "unknown-flag", "bad-choice", "missing-required",
-                              "not-an-integer"])
-def test_command_line_errors_are_one_line(argv, cli, capsys):
+@pytest.mark.parametrize("argv,message", [
+    ([], "--help"), (["frobnicate"], "--help"), (["convert", "--bogus"], "--help"), (["convert", "--layout", "mla"], "--help"),
+    # option values are checked alike from a flag, --set or --config: by the option's name
+    (["validate"], "--candidate"), (["validate", "--candidate", "x", "--context", "many"], "context must be an integer"),
+    (["convert", "--set", "calib_tokens=many"], "calib_tokens must be an integer"),
+    (["uptrain", "--set", "frobnicate=1"], "unknown option 'frobnicate'"),
+], ids=["no-command", "unknown-command", "unknown-flag", "bad-choice", "missing-required", "not-an-integer",
+        "set-not-an-integer", "set-unknown-key"])
+def test_command_line_errors_are_one_line(argv, message, cli, capsys):
     assert cli(*argv) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "--help" in lines[0], err
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err

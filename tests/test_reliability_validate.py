@@ -78,8 +78,8 @@ def test_bad_flags_are_refused_before_loading(extra, message, make_source, cli, 
     def loading(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the flags were checked")
 
-    monkeypatch.setattr("validate.cli.load_causal_lm", loading)
-    monkeypatch.setattr("validate.cli.load_tokenizer", loading)
+    monkeypatch.setattr("validate.stage.load_causal_lm", loading)
+    monkeypatch.setattr("validate.stage.load_tokenizer", loading)
     src = make_source()
     (tmp_path / "notes.txt").write_text("mine")
     extra = [str(a).replace("{tmp}", str(tmp_path)) for a in extra]

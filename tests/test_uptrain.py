@@ -128,7 +128,7 @@ def test_budget_as_fraction_of_pretraining(recipe, cli, tmp_path, converted):
 
 def test_control_arm_trains_the_source_and_is_bit_reproducible(recipe, cli, tmp_path, converted):
     for name in ("a", "b"):
-        assert cli("uptrain", "--config", recipe(name, budget={"steps": 4}), "--control") == 0
+        assert cli("uptrain", "--config", recipe(name, budget={"steps": 4}), "--control-arm") == 0
     assert losses(tmp_path / "a-control") == losses(tmp_path / "b-control")
     final = load_causal_lm(tmp_path / "a-control" / "final")
     assert type(final).__name__ == "LlamaForCausalLM"  # the unconverted source, named by conversion.json
@@ -158,7 +158,7 @@ def test_warmup_trains_only_new_parameters_first(converted):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"learning_rate": 1.0}, "unknown recipe key 'learning_rate'"),
+    ({"learning_rate": 1.0}, "unknown option 'learning_rate'"),
     ({"model": "/nonexistent/model"}, "does not exist"),
     ({"data": "/nonexistent/data.txt"}, "does not exist"),
     ({"seq_len": 100000}, "exceeds the model's context"),

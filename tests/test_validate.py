@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from common.sources import load_tokenizer
 from models import SharedKVConfig, SharedKVForCausalLM
 from validate.bootstrap import ratio_interval
-from validate.cli import build_report
+from validate.options import ValidateOptions
+from validate.stage import build_report
 from validate.perplexity import WindowScores, score_windows, windows
 
 TEXT = ("The river town grew up around a ford where the water ran shallow over a bed of flat stones. " * 12).strip()
@@ -79,7 +80,7 @@ def test_strided_perplexity_equals_hand_computation(make_source, tmp_path, conte
     path = make_source()
     if layout:
         path = layout_checkpoint(path, layout, tmp_path / layout)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()  # a layout is remote code
     ids = torch.randint(0, 49152, (41,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = hand_perplexity(model, ids, context, stride)
@@ -108,10 +109,7 @@ def test_bootstrap_interval_brackets_the_ratio():
 
 
 def fake_args(**kw):
-    import argparse
-
-    defaults = dict(tolerance=0.01, bootstrap=200, seed=0, decode_lengths="8", context=32, stride=16)
-    return argparse.Namespace(**{**defaults, **kw})
+    return ValidateOptions(**{**dict(candidate="x", bootstrap=200, decode_lengths=(8,), context=32, stride=16), **kw})
 
 
 def fake_model(nll_per_text):
@@ -258,8 +256,8 @@ def test_bad_inputs_exit_2(make_source, cli, tmp_path, capsys):
     assert cli("validate", "--source", src, "--candidate", src, "--control", tmp_path / "nope", "--out", out) == 2
     assert cli("validate", "--source", src, "--candidate", src, "--stride", 0, "--out", out) == 2
     assert cli("validate", "--source", src, "--candidate", src, "--decode-lengths", "a,b", "--out", out) == 2
-    assert cli("validate", "--source", src) == 2  # argparse: --candidate is required
+    assert cli("validate", "--source", src) == 2  # no --candidate
     err = capsys.readouterr().err
-    assert "not a checkpoint folder" in err and "holds no text" in err and "--decode-lengths" in err
+    assert "not a checkpoint folder" in err and "holds no text" in err and "decode_lengths must be an integer" in err
     assert "Traceback" not in err
     assert not out.exists()

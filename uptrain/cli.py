@@ -1,147 +1,36 @@
-"""`run.py uptrain`: recover a converted checkpoint's quality with a DeepSpeed ZeRO job.
+"""`run.py uptrain`: the command line of the uptrain stage (uptrain/stage.py).
 
     python run.py uptrain --config configs/uptrain-demo-cpu.yaml
     python run.py uptrain --config configs/uptrain-demo-cpu.yaml --resume
-    python run.py uptrain --config configs/uptrain-demo-cpu.yaml --control        # the matched-compute control arm
+    python run.py uptrain --config configs/uptrain-demo-cpu.yaml --control-arm   # the matched-compute control
     python run.py uptrain --config configs/uptrain-smollm2-fusedkv.yaml --prepare-only   # tokenize, then stop
     deepspeed --num_gpus 8 run.py uptrain --config configs/uptrain-smollm2-fusedkv.yaml
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import json
-import os
-from pathlib import Path
 
-from common.console import console
-from common.errors import UserError
-from common.sources import (
-    DEFAULT_GGUF_NAME,
-    default_model_path,
-    load_causal_lm,
-    load_tokenizer,
-    max_positions,
-    resolve_model_path,
-)
+from common.options import add_option_arguments, options_from_args
 
-from . import run_folder
-from .budget import SMOLLM2_135M_PRETRAINING_TOKENS, Budget, resolve_budget
-from .data import prepare_data
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe
+
+FLAGS = ("model", "source", "data", "out", "control_arm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML recipe (see configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    add_option_arguments(parser, Recipe, FLAGS, config_help="YAML recipe (see configs/); flags and --set override it")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     parser.add_argument("--resume-from", metavar="TAG", help="continue from checkpoint TAG (e.g. step100)")
-    parser.add_argument("--control", action="store_true", help="train the unconverted source with the same recipe")
     parser.add_argument("--prepare-only", action="store_true",
                         help="build the token stores of data and eval_data, then stop (tokenize once ahead of a job)")
 
 
-def source_of(recipe: Recipe) -> Path:
-    """The unconverted source: the recipe's, else the one the conversion manifest names, else the embedded model."""
-    if recipe.source:
-        return resolve_model_path(recipe.source)
-    manifest = Path(recipe.model or "") / "conversion.json"
-    if recipe.model and manifest.is_file():
-        return resolve_model_path(json.loads(manifest.read_text())["source"]["path"])
-    return default_model_path()
-
-
-def run_folder_of(recipe: Recipe, model_path: Path) -> Path:
-    if recipe.out:
-        base = Path(recipe.out)
-        return base.with_name(base.name + "-control") if recipe.control else base
-    name = model_path.stem if model_path.is_file() else model_path.name
-    return Path("runs") / f"uptrain-{name}{'-control' if recipe.control else ''}"
-
-
-def count_params(path: Path) -> int:
-    """Parameters of a checkpoint, counted on torch's meta device (no weights read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from common.sources import model_location
-
-    root, extra = model_location(path)
-    config = AutoConfig.from_pretrained(root, trust_remote_code=True, **extra)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
-    return sum(p.numel() for p in model.parameters())
-
-
-def plan_budget(recipe: Recipe, model_path: Path, source_path: Path | None, world_size: int) -> Budget:
-    params = count_params(model_path)
-    source_params = count_params(source_path) if source_path not in (None, model_path) else params
-    tokens_per_step = recipe.micro_batch * recipe.grad_accum * world_size * recipe.seq_len
-    embedded = source_path is not None and source_path.name == DEFAULT_GGUF_NAME
-    default_pretraining = SMOLLM2_135M_PRETRAINING_TOKENS if embedded else None
-    return resolve_budget(recipe.budget, tokens_per_step, params, source_params, default_pretraining)
-
-
-def model_paths(recipe: Recipe) -> tuple[Path, Path | None]:
-    """The model to train and the unconverted source, looked up only where the run uses it (teacher,
-    control arm, a budget in pretraining compute): a user's own model never needs the embedded one."""
-    if recipe.control or recipe.model is None:
-        source = source_of(recipe)
-        return source, source
-    uses_source = recipe.loss != "lm" or "fraction_of_pretraining" in recipe.budget or recipe.source
-    return resolve_model_path(recipe.model), source_of(recipe) if uses_source else None
-
-
 def main(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.config, args.set)
-    if args.control:
-        recipe = dataclasses.replace(recipe, control=True)
-    model_path, source_path = model_paths(recipe)
-    run_dir = run_folder_of(recipe, model_path)
+    from .stage import prepare, run
+
+    recipe = options_from_args(Recipe, args, FLAGS)
     if args.prepare_only:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        data = prepare_data(recipe, load_tokenizer(model_path), plan_budget(recipe, model_path, source_path,
-                                                                              world_size).tokens)
-        console.print(f"[green]token stores ready[/] {data.describe()}")
-        return 0
-
-    from .engine import init_distributed
-    from .train import train
-
-    rank, world_size = init_distributed()
-    if recipe.global_batch and recipe.global_batch != recipe.micro_batch * recipe.grad_accum * world_size:
-        raise UserError(f"global_batch {recipe.global_batch} != micro_batch {recipe.micro_batch} x grad_accum "
-                        f"{recipe.grad_accum} x {world_size} ranks")
-    resuming = args.resume or args.resume_from is not None
-    with run_folder.locked(run_dir) if rank == 0 else contextlib.nullcontext():
-        if rank == 0:
-            if (run_dir / "checkpoints" / "latest").exists() and not resuming:
-                raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or set out to a new folder")
-            if resuming:
-                run_folder.check_resume(run_dir, recipe, world_size)
-        context = max_positions(model_path)
-        if context is not None and recipe.seq_len > context:
-            raise UserError(f"seq_len {recipe.seq_len} exceeds the model's context ({context})")
-        budget = plan_budget(recipe, model_path, source_path, world_size)
-        tokenizer = load_tokenizer(model_path)
-        data = prepare_data(recipe, tokenizer, budget.tokens)
-        model = load_causal_lm(model_path).train()
-        teacher = load_causal_lm(source_path).eval() if recipe.loss != "lm" else None
-        if rank == 0:
-            if not resuming or not (run_dir / "recipe.yaml").is_file():
-                run_folder.start(run_dir, recipe, world_size)
-            fraction = f"{100 * budget.fraction_of_pretraining:.3g}% of the source's pretraining compute" \
-                if budget.fraction_of_pretraining is not None else "pretraining compute unknown"
-            console.print(f"[bold]{'control arm: ' if recipe.control else ''}{model_path}[/] "
-                          f"{sum(p.numel() for p in model.parameters()):,} params, {budget.steps} steps x "
-                          f"{budget.tokens // budget.steps:,} tokens = {budget.tokens:,} tokens, {budget.flops:.3e} "
-                          f"FLOPs ({fraction}); data: {data.describe()}")
-        from .checkpoint import DTYPES, checkpoint_dtype
-
-        export_dtype = DTYPES[recipe.export_dtype] if recipe.export_dtype != "auto" else checkpoint_dtype(model_path)
-        final = train(model, tokenizer, teacher, data, recipe, budget.steps, run_dir, rank, world_size,
-                      args.resume, args.resume_from, export_dtype)
-    if rank == 0:
-        console.print(f"[green]exported[/] {final}  (metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'metrics.png'})")
+        prepare(recipe)
+    else:
+        run(recipe, args.resume, args.resume_from)
     return 0

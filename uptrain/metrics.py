@@ -1,6 +1,7 @@
 """The run's metrics: one JSON line per logged step, and a plot of loss and eval perplexity."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -54,8 +55,13 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_eval_curves(runs: dict[str, list[dict]], path: Path, title: str) -> None:
-    """Eval perplexity against tokens for several runs on one axis: candidate and control side by side."""
+def plot_eval_curves(runs: dict[str, list[dict]], path: Path, title: str, reference: str = "control") -> None:
+    """Eval perplexity against tokens for several runs on one axis, the reference run (the control
+    arm) drawn apart, black and dashed: does each candidate's gap to it close?
+
+    Tokens are on a symmetric-log axis, linear below the first logged step: step 0 (what the
+    conversion alone gives) stays on the plot, and the early steps, where most of the recovery
+    happens, are not squeezed into the left edge."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,12 +69,16 @@ def plot_eval_curves(runs: dict[str, list[dict]], path: Path, title: str) -> Non
 
     many = len(runs) > 6  # a suite's dozen arms: distinct colours, legend beside the axes
     fig, ax = plt.subplots(figsize=(9, 5) if many else (6, 4))
-    colours = plt.get_cmap("tab20").colors if many else plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, (name, records) in enumerate(runs.items()):
+    palette = plt.get_cmap("tab20").colors if many else plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = itertools.cycle(palette)
+    for name, records in runs.items():
         evals = [r for r in records if "eval_ppl" in r]
-        ax.plot([r["tokens"] for r in evals], [r["eval_ppl"] for r in evals], marker="o", label=name,
-                color=colours[k % len(colours)], linestyle="--" if name == "control" else "-")
-    ax.set(xlabel="uptraining tokens", ylabel="held-out perplexity", yscale="log", title=title)
+        style = {"color": "black", "linestyle": "--"} if name == reference else {"color": next(colours)}
+        ax.plot([r["tokens"] for r in evals], [r["eval_ppl"] for r in evals], marker="o", label=name, **style)
+    first = min((r["tokens"] for records in runs.values() for r in records if r.get("tokens")), default=1)
+    ax.set_xscale("symlog", linthresh=first)
+    ax.set(xlabel="uptraining tokens (log scale from the first step)", ylabel="held-out perplexity", yscale="log",
+           title=title)
     ax.legend(**({"loc": "upper left", "bbox_to_anchor": (1.01, 1), "fontsize": "small"} if many else {}))
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -14,14 +14,12 @@ memory does not grow with the corpus.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import numpy as np
 from common.console import console, progress
 from common.data import DataSpec, cpu_count, is_saved_dataset, load, local_files, not_utf8
 from common.errors import UserError
+from common.outputs import waiting_lock
 
 FORMAT = 1
 WRITE_BATCH = 4096  # documents per batch when copying token ids into tokens.bin
@@ -98,16 +97,6 @@ def is_store(path: Path) -> bool:
     return (path / "meta.json").is_file() and (path / "tokens.bin").exists()
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
 
 def prepare(spec: DataSpec, tokenizer, root: Path, builder: bool, max_tokens: int | None = None) -> TokenStore:
     """The store of spec: built here when builder (under a lock) and missing, else waited for."""
@@ -115,7 +104,7 @@ def prepare(spec: DataSpec, tokenizer, root: Path, builder: bool, max_tokens: in
         return open_store(Path(spec.path), tokenizer)
     folder = store_folder(root, spec, tokenizer, max_tokens)
     if builder:
-        with _locked(folder.with_name(folder.name + ".lock")):
+        with waiting_lock(folder.with_name(folder.name + ".lock")):
             if not (folder / "meta.json").is_file():
                 build(spec, tokenizer, folder, max_tokens)
     else:

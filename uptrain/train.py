@@ -68,16 +68,26 @@ def weights_finite(engine) -> bool:
     return bool(flag.item())
 
 
+def unclipped_grad_norm(engine) -> float:
+    """The gradient norm before clipping, read between backward and step: ZeRO stage 0 clips without
+    keeping it (its get_global_grad_norm() is None). The gradients are whole and already reduced."""
+    return torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None]).item()
+
+
 def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_steps: int, run_dir: Path,
           rank: int, world_size: int, resume: bool, resume_from: str | None, export_dtype: torch.dtype) -> Path:
     import deepspeed
 
     if recipe.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer, schedule = optimizer_and_schedule(model, recipe, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config(recipe, world_size))
     zero3 = recipe.zero_stage == 3
+    if world_size == 1 and recipe.zero_stage == 0:
+        # nothing to reduce, yet DeepSpeed would flatten every gradient into a bucket copy (ZeRO 1-3 need
+        # their reduction path even alone: it fills the partitions' gradients)
+        engine.enable_backward_allreduce = False
     if teacher is not None:
         teacher.to(engine.device)
         if use_bf16(recipe):
@@ -107,11 +117,13 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
     with progress() as bar:
         task = bar.add_task("uptrain", total=total_steps, completed=start)
         for step in range(start, total_steps):
-            tic, losses, skipped_before = time.perf_counter(), [], engine.skipped_steps
+            tic, losses, skipped_before, norm = time.perf_counter(), [], engine.skipped_steps, None
             for micro in range(recipe.grad_accum):
                 batch = data.batch(sampler.micro_batch_at(step, micro, rank)).to(engine.device)
                 loss = batch_loss(engine, batch, recipe, teacher)
                 engine.backward(loss)
+                if recipe.zero_stage == 0 and micro == recipe.grad_accum - 1:
+                    norm = unclipped_grad_norm(engine)
                 engine.step()
                 losses.append(loss.item())
             done = step + 1
@@ -120,8 +132,9 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
             torch.distributed.all_reduce(mean_loss)  # every rank's micro-batches count in the logged loss
             skipped = engine.skipped_steps - skipped_before
             skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            norm = norm if norm is not None else engine.get_global_grad_norm()
             record = {"step": done, "loss": mean_loss.item() / world_size, "lr": schedule.get_last_lr()[-1],
-                      "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": done * tokens_per_step,
+                      "grad_norm": float(norm) if norm is not None else None, "tokens": done * tokens_per_step,
                       "tokens_per_s": tokens_per_step / (time.perf_counter() - tic)}
             if torch.cuda.is_available():
                 record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -129,7 +142,7 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
                 record["skipped"] = engine.skipped_steps
             if not math.isfinite(record["loss"]):
                 raise stop(done, f"the training loss is {record['loss']}")
-            if not skipped and not math.isfinite(record["grad_norm"]):
+            if not skipped and norm is not None and not math.isfinite(record["grad_norm"]):
                 raise stop(done, f"the gradient norm is {record['grad_norm']}")
             if skipped_in_a_row > recipe.max_skipped_steps:
                 raise stop(done, f"the optimizer skipped {skipped_in_a_row} steps in a row for gradient overflow "

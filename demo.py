@@ -1,0 +1,227 @@
+"""`run.py demo` (`make demo`): the whole pipeline on the embedded SmolLM2-135M, sized for a 2-core CPU.
+
+For each layout: convert (reconstruct init, at a budget sized for the demo), uptrain briefly on
+WikiText-2 validation text, and compare on WikiText-2 test and an out-of-domain text with the
+source and with a control arm (the source uptrained with the same recipe, data order and
+tokens), which is the fair reference: uptraining on WikiText improves the unconverted model on
+WikiText too. Then every model answers the same few prompts, greedily, side by side.
+
+The demo sits above the stages and calls each one as a library (`convert.run`, `uptrain.run`,
+`validate.run`), printing the command a user would type for the same options. Each stage runs in a
+fresh process: what a stage holds (a DeepSpeed engine, two models, glibc's freed-but-kept heap) goes
+back to the system before the next starts, so the demo's peak memory is its largest stage, not their
+sum; each stage reports its own peak.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+from pathlib import Path
+
+from rich.table import Table
+
+import convert
+import uptrain
+import validate
+from common.console import console
+from common.errors import UserError
+from common.options import command_line, load_options
+from models import LAYOUTS
+from uptrain.recipe import Recipe
+from validate.samples import PROMPTS
+
+ROOT = Path(__file__).resolve().parent
+DEMO_RECIPE = ROOT / "configs" / "uptrain-demo-cpu.yaml"
+# The strongest init that fits the demo's minutes: reconstruct on 2,048 calibration tokens x 20 Adam
+# steps per layer (FusedKV step-0 perplexity on 2,048 WikiText-2 test tokens: 381, against 24,780
+# for copy and 9,757 for calibrated; the defaults, 16,384 x 150, take several times longer).
+# CommonKV's rank budget reads the same tokens.
+DEMO_FIT = {"calib_tokens": 2048, "reconstruct_steps": 20}
+HONEST_NOTE = (
+    "A few CPU minutes recover a large part of the damage but are nowhere near parity: the papers "
+    "uptrain with 10-15% of the source's pretraining compute (for SmolLM2-135M, hundreds of billions "
+    "of tokens on GPUs; configs/uptrain-smollm2-fusedkv.yaml). Judge a layout against the control column."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layouts", default="fusedkv", help=f"comma list of {', '.join(LAYOUTS)} or 'all' (default fusedkv)")
+    parser.add_argument("--init", default="reconstruct", choices=convert.options.INITS,
+                        help="conversion init (default reconstruct, at the demo's budget: "
+                             f"{', '.join(f'{k} {v}' for k, v in DEMO_FIT.items())})")
+    parser.add_argument("--steps", type=int, default=10, help="uptraining steps of 1,024 tokens (default 10)")
+    parser.add_argument("--max-tokens", type=int, default=1024,
+                        help="held-out tokens per text for validate, twice that for uptraining's evals (default 1024)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
+    parser.add_argument("--out", default="runs/demo", help="folder for checkpoints, runs and reports")
+    parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
+
+
+def staged(stage: str, options, flags, config: Path | None = None, **kwargs):
+    """One stage, printed as the command that does the same, run as a library call in a fresh
+    process (`<stage>.run(options)`): the models and buffers it holds leave with it."""
+    console.print(f"[bold]$ {command_line(stage, options, flags, config)}[/]", highlight=False, soft_wrap=True)
+    result, peak_gb = in_child(measured, STAGES[stage].run, options, kwargs)
+    console.print(f"[dim]{stage}: peak memory {peak_gb:.2f} GB[/]")
+    PEAKS[stage] = max(PEAKS.get(stage, 0.0), peak_gb)
+    return result
+
+
+STAGES = {"convert": convert, "uptrain": uptrain, "validate": validate}
+PEAKS: dict[str, float] = {}  # stage -> its largest peak resident memory so far, GB
+
+
+def measured(fn, options, kwargs):
+    """(In the child.) fn's result and the process's peak resident memory in GB."""
+    result = fn(options, **kwargs)
+    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB
+
+
+def in_child(fn, *args):
+    """fn(*args) in a fresh process: the models it loads leave with it."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def uptrain_step(model: Path | None, run: Path, args: argparse.Namespace) -> Path:
+    """Uptrain model (None: the control arm, the source itself) into run; returns its final folder."""
+    from uptrain.cli import FLAGS
+    from uptrain.stage import control_folder
+
+    run_dir = control_folder(run) if model is None else run
+    if (run_dir / "final" / "config.json").exists() and not args.force:
+        return run_dir / "final"
+    # Only the last step saves a checkpoint (each would write 1.6 GB of optimizer state, seconds on a
+    # few minutes' run): a run killed before it starts again, one killed while exporting resumes.
+    resume = (run_dir / "checkpoints" / "latest").is_file() and not args.force
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    steps = args.steps
+    config = os.path.relpath(DEMO_RECIPE)  # as the user would type it, from where they stand
+    recipe = load_options(Recipe, config, flags={
+        "out": str(run), "budget": {"steps": steps}, "eval_every": max(1, steps // 3), "save_every": steps,
+        "eval_tokens": 2 * args.max_tokens, "model": str(model) if model else None,
+        "control_arm": model is None})
+    return staged("uptrain", recipe, FLAGS, config, resume=resume).final
+
+
+def convert_step(layout: str, init: str, out: Path, force: bool) -> Path:
+    from convert.options import FLAGS
+
+    target = out / "checkpoints" / f"{layout}-{init}"
+    if force or not (target / "config.json").exists():
+        options = convert.ConvertOptions(layout=layout, init=init, out=str(target), force=True, **DEMO_FIT)
+        staged("convert", options, FLAGS)
+    return target
+
+
+def validate_step(control: Path, trained: Path, report_dir: Path, max_tokens: int):
+    from validate.options import FLAGS
+
+    options = validate.ValidateOptions(candidate=str(trained), control=str(control),
+                                       max_tokens=max_tokens, decode_lengths=(128,), decode_new_tokens=8,
+                                       out=str(report_dir))
+    return staged("validate", options, FLAGS)
+
+
+def behaviour(models: dict[str, Path | None], scored: str, max_tokens: int, new_tokens: int) -> dict[str, dict]:
+    """(In a child process.) Each model's greedy answers (None: the embedded source), and the
+    perplexity of model `scored` on the held-out token ids validate scores; one model in memory at a time."""
+    from validate.samples import model_behaviour
+    from validate.stage import held_out_texts, tokenized_texts
+
+    options = validate.ValidateOptions(candidate="default", max_tokens=max_tokens)
+    token_sets = tokenized_texts(held_out_texts(options), options)
+    return {name: model_behaviour(path, new_tokens, token_sets if name == scored else None)
+            for name, path in models.items()}
+
+
+def main(args: argparse.Namespace) -> int:
+    layouts = list(LAYOUTS) if args.layouts == "all" else [x.strip() for x in args.layouts.split(",") if x.strip()]
+    unknown = [x for x in layouts if x not in LAYOUTS]
+    if unknown:
+        raise UserError(f"unknown layout {unknown[0]!r}; choose from {', '.join(LAYOUTS)} or 'all'")
+    out = Path(args.out)
+    console.rule("control arm: the unconverted source, same recipe")
+    control = uptrain_step(None, out / "runs" / "source", args)
+    rows, said = [], {}
+    for layout in layouts:
+        console.rule(f"{layout}: convert ({args.init} init)")
+        converted = convert_step(layout, args.init, out, args.force)
+        console.rule(f"{layout}: uptrain {args.steps} steps")
+        trained = uptrain_step(converted, out / "runs" / f"{layout}-{args.init}", args)
+        console.rule(f"{layout}: validate against the source and the control")
+        result = validate_step(control, trained, out / "reports" / f"{layout}-{args.init}", args.max_tokens)
+        console.rule(f"{layout}: greedy answers of the source, the control and {layout} before and after")
+        names = model_names(layout, args.steps)
+        todo = {name: path for name, path in zip(names, (None, control, converted, trained)) if name not in said}
+        said.update(in_child(behaviour, todo, names[2], args.max_tokens, args.new_tokens))  # source, control: once
+        report = dict(result.data, step0_perplexity=said[names[2]]["perplexity"],
+                      answers={"prompts": list(PROMPTS), **{name: said[name]["answers"] for name in names}},
+                      peak_memory_gb=dict(PEAKS))
+        (result.folder / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+        rows.append((layout, report, result.exit_code, result.folder))
+    print_summary(rows, args)
+    print_answers(said)
+    console.print(HONEST_NOTE)
+    plot_quality_per_compute(out, layouts, args)
+    console.print(f"peak memory per stage (GB): {', '.join(f'{k} {v:.2f}' for k, v in PEAKS.items())}")
+    return 0
+
+
+def model_names(layout: str, steps: int) -> tuple[str, str, str, str]:
+    """Source, control, converted at step 0, converted after training: the columns every table shares."""
+    return "source", f"control ({steps} steps)", f"{layout} step 0", f"{layout} after {steps} steps"
+
+
+def print_answers(said: dict[str, dict]) -> None:
+    """One row per prompt and model: the source before and after uptraining (the control), each
+    converted model before and after."""
+    table = Table(title="greedy answers to the chat prompts: before and after uptraining")
+    for col in ("prompt", "model", "answer"):
+        table.add_column(col)
+    for i, prompt in enumerate(PROMPTS):
+        for k, (name, result) in enumerate(said.items()):
+            table.add_row(prompt if k == 0 else "", name, result["answers"][i], end_section=k == len(said) - 1)
+    console.print(table)
+
+
+def print_summary(rows, args) -> None:
+    table = Table(title=f"where each layout stands (SmolLM2-135M, {args.steps} uptraining steps of 1,024 tokens)")
+    for col in ("layout", "KV bytes/token", "text", "source", f"control ({args.steps} st.)", f"step 0 ({args.init})",
+                f"after {args.steps} st.", "vs control"):
+        table.add_column(col, justify="right")
+    for layout, report, _, _ in rows:
+        models = report["models"]
+        kv_src, kv_cand = models["source"]["kv_bytes_per_token_measured"], models["candidate"]["kv_bytes_per_token_measured"]
+        for i, text in enumerate(report["texts"]):
+            ppl = text["perplexity"]
+            table.add_row(layout if i == 0 else "", f"{kv_cand:,.0f} (-{100 * (1 - kv_cand / kv_src):.0f}%)" if i == 0 else "",
+                          text["name"], f"{ppl['source']:.1f}", f"{ppl['control']:.1f}",
+                          f"{report['step0_perplexity'][text['name']]:,.0f}", f"{ppl['candidate']:.1f}",
+                          f"x{text['comparison']['ratio']:.2f}")
+    console.print(table)
+    for layout, _, exit_code, report_dir in rows:
+        console.print(f"{layout}: {'at parity' if exit_code == 0 else 'not at parity'} with the control; "
+                      f"report {report_dir / 'report.md'}")
+
+
+def plot_quality_per_compute(out: Path, layouts: list[str], args) -> None:
+    """Candidate and control eval perplexity from step 0 on, at the same token counts: does the gap close?"""
+    from uptrain.metrics import plot_eval_curves, read_records
+
+    from uptrain.stage import control_folder
+
+    control = "control (source, same steps)"
+    runs = {control: control_folder(out / "runs" / "source")}
+    runs.update({f"{layout} ({args.init} init)": out / "runs" / f"{layout}-{args.init}" for layout in layouts})
+    curves = {name: read_records(run / "metrics.jsonl") for name, run in runs.items()}
+    path = out / "quality_per_compute.png"
+    plot_eval_curves(curves, path, "held-out perplexity (WikiText-2 validation tail) vs tokens", reference=control)
+    console.print(f"quality per compute: {path}")

@@ -1,0 +1,152 @@
+"""The uptrain stage, `run(Recipe) -> Run`: recover a converted checkpoint's quality with a DeepSpeed
+ZeRO job (on every rank of it), and `prepare(Recipe)`, its token stores built ahead of a job.
+`run.py uptrain` is its command line (uptrain/cli.py)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.console import console
+from common.errors import UserError
+from common.sources import (
+    DEFAULT_GGUF_NAME,
+    default_model_path,
+    load_causal_lm,
+    load_tokenizer,
+    max_positions,
+    resolve_model_path,
+)
+
+from . import run_folder
+from .budget import SMOLLM2_135M_PRETRAINING_TOKENS, Budget, resolve_budget
+from .data import TrainData, prepare_data
+from .recipe import Recipe
+
+
+@dataclass
+class Run:
+    """A finished uptraining run: its folder, the exported model, and what it cost."""
+    folder: Path
+    final: Path
+    steps: int
+    tokens: int
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / "metrics.jsonl"
+
+
+def control_folder(out: Path) -> Path:
+    """The control arm's run folder beside the candidate's: the same recipe with its out, plus -control."""
+    return out.with_name(out.name + "-control")
+
+
+def source_of(recipe: Recipe) -> Path:
+    """The unconverted source: the recipe's, else the one the conversion manifest names, else the embedded model."""
+    if recipe.source:
+        return resolve_model_path(recipe.source)
+    manifest = Path(recipe.model or "") / "conversion.json"
+    if recipe.model and manifest.is_file():
+        return resolve_model_path(json.loads(manifest.read_text())["source"]["path"])
+    return default_model_path()
+
+
+def run_folder_of(recipe: Recipe, model_path: Path) -> Path:
+    if recipe.out:
+        base = Path(recipe.out)
+        return control_folder(base) if recipe.control_arm else base
+    name = model_path.stem if model_path.is_file() else model_path.name
+    base = Path("runs") / f"uptrain-{name}"
+    return control_folder(base) if recipe.control_arm else base
+
+
+def count_params(path: Path) -> int:
+    """Parameters of a checkpoint, counted on torch's meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from common.sources import model_location
+
+    root, extra = model_location(path)
+    config = AutoConfig.from_pretrained(root, trust_remote_code=True, **extra)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def plan_budget(recipe: Recipe, model_path: Path, source_path: Path | None, world_size: int) -> Budget:
+    params = count_params(model_path)
+    source_params = count_params(source_path) if source_path not in (None, model_path) else params
+    tokens_per_step = recipe.micro_batch * recipe.grad_accum * world_size * recipe.seq_len
+    embedded = source_path is not None and source_path.name == DEFAULT_GGUF_NAME
+    default_pretraining = SMOLLM2_135M_PRETRAINING_TOKENS if embedded else None
+    return resolve_budget(recipe.budget, tokens_per_step, params, source_params, default_pretraining)
+
+
+def model_paths(recipe: Recipe) -> tuple[Path, Path | None]:
+    """The model to train and the unconverted source, looked up only where the run uses it (teacher,
+    control arm, a budget in pretraining compute): a user's own model never needs the embedded one."""
+    if recipe.control_arm or recipe.model is None:
+        source = source_of(recipe)
+        return source, source
+    uses_source = recipe.loss != "lm" or "fraction_of_pretraining" in recipe.budget or recipe.source
+    return resolve_model_path(recipe.model), source_of(recipe) if uses_source else None
+
+
+def prepare(recipe: Recipe) -> TrainData:
+    """The token stores of data and eval_data, built (tokenized once, ahead of a job) or found."""
+    model_path, source_path = model_paths(recipe)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    data = prepare_data(recipe, load_tokenizer(model_path), plan_budget(recipe, model_path, source_path,
+                                                                          world_size).tokens)
+    console.print(f"[green]token stores ready[/] {data.describe()}")
+    return data
+
+
+def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) -> Run:
+    """Train (or, resuming, go on training) and export; every rank of a job calls it."""
+    model_path, source_path = model_paths(recipe)
+    run_dir = run_folder_of(recipe, model_path)
+
+    from .engine import init_distributed
+    from .train import train
+
+    rank, world_size = init_distributed()
+    if recipe.global_batch and recipe.global_batch != recipe.micro_batch * recipe.grad_accum * world_size:
+        raise UserError(f"global_batch {recipe.global_batch} != micro_batch {recipe.micro_batch} x grad_accum "
+                        f"{recipe.grad_accum} x {world_size} ranks")
+    resuming = resume or resume_from is not None
+    with run_folder.locked(run_dir) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            if (run_dir / "checkpoints" / "latest").exists() and not resuming:
+                raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or set out to a new folder")
+            if resuming:
+                run_folder.check_resume(run_dir, recipe, world_size)
+        context = max_positions(model_path)
+        if context is not None and recipe.seq_len > context:
+            raise UserError(f"seq_len {recipe.seq_len} exceeds the model's context ({context})")
+        budget = plan_budget(recipe, model_path, source_path, world_size)
+        tokenizer = load_tokenizer(model_path)
+        data = prepare_data(recipe, tokenizer, budget.tokens)
+        model = load_causal_lm(model_path).train()
+        teacher = load_causal_lm(source_path).eval() if recipe.loss != "lm" else None
+        if rank == 0:
+            if not resuming or not (run_dir / "recipe.yaml").is_file():
+                run_folder.start(run_dir, recipe, world_size)
+            fraction = f"{100 * budget.fraction_of_pretraining:.3g}% of the source's pretraining compute" \
+                if budget.fraction_of_pretraining is not None else "pretraining compute unknown"
+            console.print(f"[bold]{'control arm: ' if recipe.control_arm else ''}{model_path}[/] "
+                          f"{sum(p.numel() for p in model.parameters()):,} params, {budget.steps} steps x "
+                          f"{budget.tokens // budget.steps:,} tokens = {budget.tokens:,} tokens, {budget.flops:.3e} "
+                          f"FLOPs ({fraction}); data: {data.describe()}")
+        from .checkpoint import DTYPES, checkpoint_dtype
+
+        export_dtype = DTYPES[recipe.export_dtype] if recipe.export_dtype != "auto" else checkpoint_dtype(model_path)
+        final = train(model, tokenizer, teacher, data, recipe, budget.steps, run_dir, rank, world_size,
+                      resume, resume_from, export_dtype)
+    if rank == 0:
+        console.print(f"[green]exported[/] {final}  (metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'metrics.png'})")
+    return Run(run_dir, final, budget.steps, budget.tokens)

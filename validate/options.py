@@ -1,0 +1,45 @@
+"""What a validation is asked to do: `ValidateOptions`, declared once for the CLI, `--config` files,
+the demo and the benchmarks (common/options.py loads and checks it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.errors import UserError
+from common.options import option
+
+DEFAULT_MAX_TOKENS = 16384
+
+
+@dataclass
+class ValidateOptions:
+    candidate: str | None = option(None, "the converted checkpoint to judge: a folder, a .gguf, or 'default'")
+    source: str | None = option(None, "the unconverted source checkpoint or .gguf (none: the embedded SmolLM2-135M)")
+    control: str | None = option(None, "the source uptrained with the candidate's recipe (a checkpoint folder); "
+                                       "becomes the verdict's reference")
+    data: tuple[str, ...] | None = option(None, "held-out texts: .txt, .jsonl or datasets datasets "
+                                                "(none: WikiText-2 test + Python docs)")
+    max_tokens: int = option(DEFAULT_MAX_TOKENS, "score the first N tokens of each text, 0 = all")
+    context: int = option(512, "sliding-window length in tokens")
+    stride: int = option(256, "sliding-window step in tokens")
+    tolerance: float = option(0.01, "pass when candidate ppl <= (1 + tolerance) x reference ppl")
+    bootstrap: int = option(1000, "bootstrap resamples for the 95% CI")
+    decode_lengths: tuple[int, ...] = option((128, 512), "context lengths for KV bytes and decode tokens/s, comma-separated")
+    decode_new_tokens: int = option(16, "timed greedy decode steps")
+    seed: int = option(0, "seed for the bootstrap and the decode prompts")
+    out: str | None = option(None, "report folder (none: runs/validate-<candidate name>)")
+
+    def check(self) -> None:
+        if not self.candidate:
+            raise UserError("give the checkpoint to judge: --candidate PATH")
+        if self.context < 2 or not 1 <= self.stride <= self.context:
+            raise UserError("need --context >= 2 and 1 <= --stride <= --context")
+        if self.max_tokens < 0 or self.tolerance < 0:
+            raise UserError("--max-tokens and --tolerance must not be negative")
+        if self.bootstrap < 1 or self.decode_new_tokens < 1:
+            raise UserError("--bootstrap and --decode-new-tokens must be at least 1")
+        if not self.decode_lengths or min(self.decode_lengths) < 1:
+            raise UserError(f"--decode-lengths {self.decode_lengths!r} must be positive integers separated by "
+                            "commas, e.g. 128,512")
+
+
+FLAGS = tuple(ValidateOptions.__dataclass_fields__)

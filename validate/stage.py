@@ -1,0 +1,238 @@
+"""The validate stage, `run(ValidateOptions) -> Report`: is the converted model at parity with its reference?
+
+Perplexity of source, control (when given) and candidate on exactly the same tokens of each
+held-out text, a paired bootstrap interval for the candidate/reference ratio, KV-cache bytes per
+token measured from the cache next to the arithmetic, parameter counts, decode speed.
+
+Exit code 0 when the candidate's perplexity is at most (1 + --tolerance) x the reference's on every
+held-out text, 1 when not, 2 on bad input. The reference is the control when one is given: the
+source uptrained with the same recipe, so that gains from adapting to the uptraining domain are not
+mistaken for recovered quality (issue 9). By default two texts are scored, in-domain WikiText-2 test
+and out-of-domain Python documentation (data/), each cut to its first --max-tokens tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.console import console
+from common.data import read_text
+from common.errors import UserError
+from common.sources import (
+    OOD_TEXT,
+    default_wikitext,
+    is_gguf,
+    load_causal_lm,
+    load_tokenizer,
+    max_positions,
+    resolve_model_path,
+)
+
+from .bootstrap import ratio_interval
+from .kvcache import arithmetic_bytes_per_token, measure_decode
+from .options import ValidateOptions
+from .perplexity import WindowScores, score_windows
+from .report import render_console, write_report
+
+def model_path(role: str, value: str | None) -> Path:
+    """A model folder, a .gguf file, or the embedded default (None / 'default')."""
+    if value is not None and value != "default":
+        path = Path(value).expanduser()
+        if not (path.is_dir() or is_gguf(path)):
+            raise UserError(f"{role} {value} is not a checkpoint folder or .gguf file")
+    return resolve_model_path(value)
+
+
+def check_args(opts: ValidateOptions) -> dict[str, Path]:
+    """The model paths, in report column order, checked before anything is loaded."""
+    paths = {"source": model_path("source", opts.source)}
+    if opts.control:
+        paths["control"] = model_path("control", opts.control)
+    paths["candidate"] = model_path("candidate", opts.candidate)
+    check_positions(paths, opts)
+    return paths
+
+
+def check_positions(paths: dict[str, Path], opts: ValidateOptions) -> None:
+    """--context and the decode runs fit in every model's positions (read from its config, not loaded)."""
+    longest = max(opts.decode_lengths)
+    decoded = longest + 1 + opts.decode_new_tokens  # the prompt, one untimed warm-up step, the timed steps
+    for role, path in paths.items():
+        limit = max_positions(path)
+        if limit is None:  # the config does not say: loading the model will
+            continue
+        if opts.context > limit:
+            raise UserError(f"--context {opts.context} is longer than the {role}'s max_position_embeddings {limit}; "
+                            f"use --context {limit} or less")
+        if decoded > limit:
+            raise UserError(f"--decode-lengths {longest} needs {decoded} positions with --decode-new-tokens "
+                            f"{opts.decode_new_tokens}, more than the {role}'s max_position_embeddings {limit}")
+
+
+def report_folder(opts: ValidateOptions, candidate: Path) -> Path:
+    """--out, or the default folder for the candidate; refused before any scoring if a file is in the way."""
+    out = Path(opts.out) if opts.out else default_out(candidate)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file; give a folder for report.json and report.md")
+    return out
+
+
+def held_out_texts(opts: ValidateOptions) -> list[tuple[str, str]]:
+    """(name, text) per held-out text: --data, or WikiText-2 test (in domain) + Python docs (out of domain)."""
+    specs = opts.data or [str(default_wikitext("test")), str(OOD_TEXT)]
+    texts = []
+    for spec in specs:
+        path = Path(spec)
+        name = f"{path.parent.name}/{path.stem}" if path.is_file() else str(spec)
+        texts.append((name, read_text(spec, split="test")))
+    return texts
+
+
+def tokenized_texts(texts: list[tuple[str, str]], opts: ValidateOptions, tokenizer=None) -> list:
+    """(name, 1-D token ids) per text, cut to --max-tokens; every model is scored on exactly these ids."""
+    tokenizer = tokenizer or load_tokenizer(resolve_model_path(opts.source))
+    token_sets = []
+    for name, text in texts:
+        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+        ids = ids[: opts.max_tokens] if opts.max_tokens else ids
+        if len(ids) < 2:
+            raise UserError(f"held-out text {name} has fewer than 2 tokens")
+        token_sets.append((name, ids))
+    return token_sets
+
+
+def check_same_tokens(paths: dict[str, Path], texts, opts: ValidateOptions) -> list:
+    """The source's token ids, after checking every other model's tokenizer yields the very same ids."""
+    source_tokenizer = load_tokenizer(paths["source"])
+    token_sets = tokenized_texts(texts, opts, source_tokenizer)
+    for role, path in paths.items():
+        if path == paths["source"]:
+            continue
+        other = load_tokenizer(path)
+        if other.get_vocab() != source_tokenizer.get_vocab():
+            raise UserError(f"the {role} tokenizer differs from the source's (vocabulary); "
+                            "perplexities would not be comparable: give both the same tokenizer files")
+        for (name, ids), (_, other_ids) in zip(token_sets, tokenized_texts(texts, opts, other)):
+            if not torch.equal(ids, other_ids):
+                raise UserError(f"the {role} tokenizer differs from the source's (it encodes {name} differently); "
+                                "perplexities would not be comparable: give both the same tokenizer files")
+    return token_sets
+
+
+def evaluate_model(role: str, path: Path, token_sets, opts: ValidateOptions) -> dict:
+    """Load one model (only one is in memory at a time), score every text, measure its KV cache and speed."""
+    model = load_causal_lm(path, attn_implementation="sdpa")
+    top_id = max(int(ids.max()) for _, ids in token_sets)
+    if top_id >= model.config.vocab_size:
+        raise UserError(f"the {role} model has {model.config.vocab_size} embeddings but the text has token id "
+                        f"{top_id}: its tokenizer does not belong to it")
+    decode = [measure_decode(model, n, opts.decode_new_tokens, opts.seed) for n in opts.decode_lengths]
+    result = {
+        "path": str(path),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "scores": [score_windows(model, ids, opts.context, opts.stride, f"{role} ppl {name}") for name, ids in token_sets],
+        "decode": decode,
+        "kv_bytes_per_token_arithmetic": arithmetic_bytes_per_token(model.config, model.dtype),
+        "kv_bytes_per_token_measured": decode[-1]["kv_bytes_per_token"],
+    }
+    del model
+    gc.collect()
+    return result
+
+
+def compare(candidate: WindowScores, reference: WindowScores, opts: ValidateOptions) -> dict:
+    """Point ratio, paired-bootstrap 95% CI, and whether the CI excludes 1 (a real difference).
+
+    What the scores cannot give is None, never a made-up number: the ratio and CI when a model
+    diverged (perplexity inf), the CI from a single window (nothing to resample)."""
+    if not (math.isfinite(candidate.perplexity) and math.isfinite(reference.perplexity)):
+        return {"ratio": None, "ci_low": None, "ci_high": None, "real_difference": None, "diverged": True}
+    interval = ratio_interval(candidate, reference, opts.bootstrap, opts.seed)
+    low, high = interval or (None, None)
+    return {"ratio": candidate.perplexity / reference.perplexity, "ci_low": low, "ci_high": high,
+            "real_difference": None if interval is None else not low <= 1.0 <= high, "diverged": False}
+
+
+def verdict_rule(reference: str, tolerance: float) -> str:
+    return (f"PASS when, on every held-out text, candidate ppl <= (1 + {tolerance:g}) x {reference} ppl "
+            "(point estimate on identical tokens; a candidate better than the reference passes; a diverged model, "
+            "perplexity inf, fails). The 95% CI is a paired bootstrap over windows (2 or more): an interval that "
+            "excludes 1 marks a real difference.")
+
+
+def build_report(opts: ValidateOptions, token_sets, results: dict[str, dict]) -> dict:
+    reference = "control" if "control" in results else "source"
+    texts = []
+    for t, (name, ids) in enumerate(token_sets):
+        scores = {role: res["scores"][t] for role, res in results.items()}
+        entry = {
+            "name": name,
+            "tokens": len(ids),
+            "windows": len(scores["candidate"].nll),
+            "perplexity": {role: s.perplexity for role, s in scores.items()},
+            "comparison": dict(compare(scores["candidate"], scores[reference], opts), reference=reference),
+        }
+        ratio = entry["comparison"]["ratio"]
+        entry["comparison"]["pass"] = ratio is not None and ratio <= 1 + opts.tolerance
+        if reference == "control":  # what the naive comparison would have said
+            entry["candidate_vs_source"] = compare(scores["candidate"], scores["source"], opts)
+        texts.append(entry)
+    source_kv = results["source"]["kv_bytes_per_token_measured"]
+    models = {}
+    for role, res in results.items():
+        models[role] = {k: v for k, v in res.items() if k != "scores"}
+        models[role]["kv_saving_vs_source"] = 1 - res["kv_bytes_per_token_measured"] / source_kv
+    passed = all(text["comparison"]["pass"] for text in texts)
+    return {
+        "verdict": {
+            "pass": passed, "exit_code": 0 if passed else 1, "reference": reference,
+            "tolerance": opts.tolerance, "rule": verdict_rule(reference, opts.tolerance),
+            "summary": ", ".join(f"{t['name']} " + ("diverged" if t["comparison"]["diverged"] else
+                                                      f"ratio {t['comparison']['ratio']:.4f}") for t in texts),
+        },
+        "settings": dataclasses.asdict(opts),
+        "decode_lengths": list(opts.decode_lengths),
+        "texts": texts,
+        "models": models,
+    }
+
+
+def default_out(candidate: Path) -> Path:
+    return Path("runs") / f"validate-{candidate.stem if is_gguf(candidate) else candidate.resolve().name}"
+
+
+@dataclass
+class Report:
+    """A validation's outcome: the report (report.json's content) and the folder it was written to."""
+    data: dict
+    folder: Path
+
+    @property
+    def passed(self) -> bool:
+        return self.data["verdict"]["pass"]
+
+    @property
+    def exit_code(self) -> int:
+        return self.data["verdict"]["exit_code"]
+
+
+def run(opts: ValidateOptions) -> Report:
+    """Score source, control and candidate on the same tokens; write and print the report."""
+    paths = check_args(opts)
+    out = report_folder(opts, paths["candidate"])
+    texts = held_out_texts(opts)
+    token_sets = check_same_tokens(paths, texts, opts)
+    torch.manual_seed(opts.seed)
+    results = {role: evaluate_model(role, path, token_sets, opts) for role, path in paths.items()}
+    report = build_report(opts, token_sets, results)
+    write_report(report, out)
+    render_console(report)
+    console.print(f"report: {out / 'report.md'}")
+    return Report(report, out)
