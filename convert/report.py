@@ -9,14 +9,12 @@ from pathlib import Path
 from rich.table import Table
 
 from common.console import console
+from models.kv_layout import dense_kv_elements_per_token
+from models.layout_tensors import source_shapes
 
 from .dtypes import ITEMSIZE, TORCH_NAMES
-from .plan import Plan, expected_source_shapes
+from .plan import Plan
 from .source import TensorSource
-
-
-def source_kv_bytes_per_token(cfg, bytes_per_element: int) -> int:
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * bytes_per_element
 
 
 def dry_run_table(plan: Plan, source: TensorSource, dtype: str) -> None:
@@ -32,8 +30,8 @@ def dry_run_table(plan: Plan, source: TensorSource, dtype: str) -> None:
     console.print(table)
     rules = Counter(m.rule for m in plan.mappings)
     element = ITEMSIZE[dtype]
-    before = sum(math.prod(s) for s in expected_source_shapes(cfg).values())  # a tied lm_head counts once
-    kv_before, kv_after = source_kv_bytes_per_token(cfg, element), cfg.kv_cache_bytes_per_token(element)
+    before = sum(math.prod(s) for s in source_shapes(cfg).values())  # a tied lm_head counts once
+    kv_before, kv_after = dense_kv_elements_per_token(cfg) * element, cfg.kv_cache_bytes_per_token(element)
     summary = Table(title="summary", show_header=False)
     summary.add_row("tensors kept (copy)", str(rules["copy"]))
     summary.add_row("tensors reshaped (heads)", str(rules["heads"]))
@@ -69,7 +67,7 @@ def manifest(plan: Plan, source_path: Path, source_hash: dict, opts: dict, dtype
         "init": opts["init"],
         "options": {k: v for k, v in sorted(opts.items()) if k not in ("force", "dry_run", "out")},
         "dtype": TORCH_NAMES[dtype],
-        "kv_cache_bytes_per_token": {"source": source_kv_bytes_per_token(plan.config, element),
+        "kv_cache_bytes_per_token": {"source": dense_kv_elements_per_token(plan.config) * element,
                                      "converted": plan.config.kv_cache_bytes_per_token(element)},
         "mappings": [m.as_dict() for m in plan.mappings],
         "dropped": plan.dropped,
