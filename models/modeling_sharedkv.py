@@ -165,14 +165,12 @@ class FusedAttention(SharedKVAttention):
 
     @staticmethod
     def fuse(k0, km, v0, vm, a, b, c, d):
-        """The fusion itself, one function so a compiled kernel can replace it (see bench/)."""
+        """The fused K and V from the bottom and middle layers' K and V and the gates."""
         return a * k0 + b * km, c * v0 + d * vm
-
-    factored_decode = True  # False: fuse the caches first even when decoding (benchmarks compare both)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                 shared_kv=None, **kwargs):
-        if self.factored_decode and hidden_states.shape[1] == 1 and not torch.is_grad_enabled():
+        if past_key_values is not None and hidden_states.shape[1] == 1:  # one new token on a cache
             return self.decode_step(hidden_states, position_embeddings, attention_mask, shared_kv)
         return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, shared_kv, **kwargs)
 
@@ -232,8 +230,10 @@ class SkipV1Attention(SharedKVAttention):
         first_values = shared_kv[0][1]
         if self.head_order is None:  # own heads are 0..r-1, layer 0's heads r.. follow
             blocks = (own_values, first_values[:, self.num_own :])
-            # Inference attends block by block (see attention); in training one concatenation measured faster
-            return key_states, blocks if not torch.is_grad_enabled() else torch.cat(blocks, dim=1)
+            # With a cache the values span every earlier token: attending block by block (see attention)
+            # saves concatenating them at every step. Without one (training, scoring) one concatenation
+            # measured faster (README, Benchmarks).
+            return key_states, blocks if past_key_values is not None else torch.cat(blocks, dim=1)
         value_states = torch.cat((own_values, first_values[:, self.reused_heads]), dim=1)
         return key_states, value_states[:, self.head_order]
 
