@@ -43,6 +43,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_sharedkv import SharedKVConfig
+from .kv_layout import FUSED_GATE_INIT
 
 SharedKV = dict[int, tuple[torch.Tensor, torch.Tensor | None]]  # CommonKV publishes (latent, None)
 
@@ -142,12 +143,17 @@ class FusedAttention(SharedKVAttention):
     def __init__(self, config: SharedKVConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.middle = config.middle_layer
-        pairs, dims = (self.num_kv_heads, self.head_dim // 2), (self.num_kv_heads, self.head_dim)
-        # Initialised as FusedKV-Lite (keys from the middle layer, values from the bottom one).
-        self.key_gate_bottom = nn.Parameter(torch.zeros(pairs))
-        self.key_gate_middle = nn.Parameter(torch.ones(pairs))
-        self.value_gate_bottom = nn.Parameter(torch.ones(dims))
-        self.value_gate_middle = nn.Parameter(torch.zeros(dims))
+        # key_gate_bottom, key_gate_middle, value_gate_bottom, value_gate_middle (a, b, c, d), starting
+        # as FusedKV-Lite: keys from the middle layer, values from the bottom one.
+        for name, value in FUSED_GATE_INIT.items():
+            width = self.head_dim // 2 if name.startswith("key") else self.head_dim
+            self.register_parameter(name, nn.Parameter(torch.full((self.num_kv_heads, width), value)))
+
+    def reset_gates(self) -> None:
+        """Back to the FusedKV-Lite start (FUSED_GATE_INIT)."""
+        with torch.no_grad():
+            for name, value in FUSED_GATE_INIT.items():
+                getattr(self, name).fill_(value)
 
     @staticmethod
     def key_gate(half: torch.Tensor) -> torch.Tensor:
@@ -327,11 +333,7 @@ class SharedKVPreTrainedModel(LlamaPreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, FusedAttention):  # start as FusedKV-Lite, the copy-source initialization
-            with torch.no_grad():
-                module.key_gate_bottom.zero_()
-                module.key_gate_middle.fill_(1.0)
-                module.value_gate_bottom.fill_(1.0)
-                module.value_gate_middle.zero_()
+            module.reset_gates()
 
 
 class SharedKVModel(SharedKVPreTrainedModel, LlamaModel):
