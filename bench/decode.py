@@ -24,34 +24,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import machine_info  # noqa: E402
-from bench.shapes import base_layout, random_source  # noqa: E402
+from bench.shapes import random_source  # noqa: E402
+from bench.variants import split_variants, with_variants  # noqa: E402
 from common.sources import load_causal_lm  # noqa: E402
 from models import LAYOUTS, SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes  # noqa: E402
-from models.modeling_sharedkv import FusedAttention  # noqa: E402
 from validate.kvcache import arithmetic_bytes_per_token  # noqa: E402
-
-FUSE_FIRST = "_fuse_first"  # layout suffix: FusedKV decoding through the fused K/V (before decode_step)
 
 
 def layout_model(source, layout: str):
     """'source' is the model as loaded; 'sharing_off' the same weights in this project's model code
-    with every layer storing K/V, the baseline that isolates what a layout itself costs."""
+    with every layer storing K/V, the baseline that isolates what a layout itself costs; a layout
+    may carry variant suffixes (bench/variants.py)."""
     if layout == "source":
         return source
-    if layout == "sharing_off":
+    base, variants = split_variants(layout)
+    if base == "sharing_off":
         config = SharedKVConfig.from_source(source.config, "fusedkv", num_storage_layers=source.config.num_hidden_layers)
     else:
-        config = SharedKVConfig.from_source(source.config, base_layout(layout.removesuffix(FUSE_FIRST)))
+        config = SharedKVConfig.from_source(source.config, base)
     model = SharedKVForCausalLM(config).to(dtype=source.dtype, device=source.device).eval()
     model.load_state_dict(
         {k: v for k, v in source.state_dict().items() if model.state_dict().get(k, v).shape == v.shape},
         strict=False,
     )
-    if layout.endswith(FUSE_FIRST):  # the plain path: build the fused K/V, then attend
-        for module in model.modules():
-            if isinstance(module, FusedAttention):
-                module.factored_decode = False
-    return model
+    return with_variants(model, variants)
 
 
 def sync(device: str) -> None:
@@ -135,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     if args.device == "cuda" and not args.cudnn_attention:
-        # cuDNN's SDPA backend re-plans on shapes it has not seen (about 1.5 ms of CPU per call for
-        # transformers' Llama on torch 2.11), which would swamp the layouts' differences
+        # cuDNN's SDPA backend re-plans on shapes it has not seen, a CPU cost per call that would
+        # swamp the layouts' differences
         torch.backends.cuda.enable_cudnn_sdp(False)
     dtype = getattr(torch, args.dtype)
     contexts = [int(c) for c in args.contexts.split(",")]

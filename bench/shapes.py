@@ -22,17 +22,3 @@ def random_source(max_positions: int = 8192, dtype=None, device: str = "cpu"):
 
 def peak_flops(gpu_name: str) -> float | None:
     return next((flops for key, flops in BF16_PEAK_FLOPS.items() if key in gpu_name), None)
-
-
-COMPILED = "_compiled"  # layout suffix: FusedKV with its fusion compiled into one kernel (Triton on GPU)
-
-
-def base_layout(layout: str) -> str:
-    """The layout a benchmark name builds; a '_compiled' suffix swaps in the compiled fusion first."""
-    if layout.endswith(COMPILED):
-        import torch
-
-        from models.modeling_sharedkv import FusedAttention
-
-        FusedAttention.fuse = staticmethod(torch.compile(FusedAttention.fuse, dynamic=True))
-    return layout.removesuffix(COMPILED)

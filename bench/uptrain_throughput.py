@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 def one_layout(layout: str, args) -> dict:
     import torch
 
-    from bench.shapes import SMOLLM2_135M, base_layout, peak_flops
+    from bench.shapes import SMOLLM2_135M, peak_flops
+    from bench.variants import split_variants, with_variants
     from models import SharedKVConfig, SharedKVForCausalLM
     from uptrain.engine import ds_config, init_distributed, optimizer_and_schedule
     from uptrain.recipe import Recipe
@@ -38,8 +39,11 @@ def one_layout(layout: str, args) -> dict:
     torch.manual_seed(0)
     source_config = LlamaConfig(**SMOLLM2_135M)
     source_config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(source_config) if layout == "source" else \
-        SharedKVForCausalLM(SharedKVConfig.from_source(source_config, base_layout(layout)))
+    if layout == "source":
+        model = LlamaForCausalLM(source_config)
+    else:
+        base, variants = split_variants(layout)
+        model = with_variants(SharedKVForCausalLM(SharedKVConfig.from_source(source_config, base)), variants)
     recipe = Recipe(micro_batch=args.micro_batch, seq_len=args.seq_len, zero_stage=2,
                     precision="bf16" if args.device == "cuda" else "fp32", activation_checkpointing=False)
     optimizer, schedule = optimizer_and_schedule(model, recipe, total_steps=args.steps + 2)

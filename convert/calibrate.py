@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from models import SharedKVConfig
+from models.layout_tensors import attn_key
 from models.modeling_sharedkv import rope
 
 from .layerwise import LayerPass
@@ -91,9 +92,8 @@ def fit_fusedkv(cfg: SharedKVConfig, kv: dict) -> CalibratedFit:
         ki, vi = kv[i]
         a, b = solve_gates(pairs(k0), pairs(km), pairs(ki), dims=(0, 2, 3))  # (kv_heads, d/2)
         c, d = solve_gates(v0, vm, vi, dims=(0, 2))  # (kv_heads, d)
-        p = f"model.layers.{i}.self_attn."
-        tensors.update({p + "key_gate_bottom": a, p + "key_gate_middle": b,
-                        p + "value_gate_bottom": c, p + "value_gate_middle": d})
+        gates = {"key_gate_bottom": a, "key_gate_middle": b, "value_gate_bottom": c, "value_gate_middle": d}
+        tensors.update((attn_key(i, name), gate) for name, gate in gates.items())
         fused_k = torch.cat([a, a], -1)[None, :, None] * k0 + torch.cat([b, b], -1)[None, :, None] * km
         fused_v = c[None, :, None] * v0 + d[None, :, None] * vm
         report.append({"layer": i, "error_before": (relative_error(km, ki) + relative_error(v0, vi)) / 2,

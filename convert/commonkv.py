@@ -25,56 +25,41 @@ from torch import nn
 
 from models import SharedKVConfig
 from models.kv_layout import allocate_ranks
+from models.layout_tensors import attn_key, layer_key
 
 from .layerwise import LayerPass, LayerwiseModel, run_source
 
 NORM_FLOOR = 1e-6  # gamma is divided out of the anchor's down-projection; an exact zero would be inf
 
 
-def _attn(layer: int, name: str) -> str:
-    return f"model.layers.{layer}.self_attn.{name}"
-
-
 def source_keys(cfg: SharedKVConfig, group: int) -> list[str]:
     """Every source tensor a group's factors are computed from."""
     keys = []
     for layer in cfg.commonkv_groups[group]:
-        keys.append(f"model.layers.{layer}.input_layernorm.weight")
+        keys.append(layer_key(layer, "input_layernorm.weight"))
         for proj in ("k_proj", "v_proj"):
-            keys += [_attn(layer, f"{proj}.weight")] + ([_attn(layer, f"{proj}.bias")] if cfg.qkv_bias else [])
+            keys += [attn_key(layer, f"{proj}.weight")] + ([attn_key(layer, f"{proj}.bias")] if cfg.qkv_bias else [])
     return keys
 
 
-def target_shapes(cfg: SharedKVConfig, group: int) -> dict[str, tuple[int, ...]]:
-    """The tensors a group's factors fill: the anchor's kv_down, every layer's kv_up (and bias)."""
-    layers, rank = cfg.commonkv_groups[group], cfg.commonkv_ranks[group]
-    width = 2 * cfg.num_key_value_heads * cfg.head_dim
-    shapes = {_attn(layers[0], "kv_down.weight"): (rank, cfg.hidden_size)}
-    for layer in layers:
-        shapes[_attn(layer, "kv_up.weight")] = (width, rank)
-        if cfg.qkv_bias:
-            shapes[_attn(layer, "kv_up.bias")] = (width,)
-    return shapes
-
-
 def _norm_weight(get: Callable[[str], torch.Tensor], layer: int) -> torch.Tensor:
-    gamma = get(f"model.layers.{layer}.input_layernorm.weight").double()
+    gamma = get(layer_key(layer, "input_layernorm.weight")).double()
     return torch.where(gamma.abs() < NORM_FLOOR, torch.full_like(gamma, NORM_FLOOR), gamma)
 
 
 def group_factors(get: Callable[[str], torch.Tensor], cfg: SharedKVConfig, group: int) -> dict[str, torch.Tensor]:
     """Every target tensor of one group, from the source tensors ``get`` returns by name."""
     layers, rank = cfg.commonkv_groups[group], cfg.commonkv_ranks[group]
-    folded = [torch.cat([get(_attn(l, "k_proj.weight")), get(_attn(l, "v_proj.weight"))]).double() * _norm_weight(get, l)
+    folded = [torch.cat([get(attn_key(l, "k_proj.weight")), get(attn_key(l, "v_proj.weight"))]).double() * _norm_weight(get, l)
               for l in layers]
     u, s, vt = torch.linalg.svd(torch.cat(folded), full_matrices=False)
     down = vt[:rank]
     up = (u[:, :rank] * s[:rank]).split([w.shape[0] for w in folded])
-    tensors = {_attn(layers[0], "kv_down.weight"): down / _norm_weight(get, layers[0])}
+    tensors = {attn_key(layers[0], "kv_down.weight"): down / _norm_weight(get, layers[0])}
     for layer, layer_up in zip(layers, up):
-        tensors[_attn(layer, "kv_up.weight")] = layer_up
+        tensors[attn_key(layer, "kv_up.weight")] = layer_up
         if cfg.qkv_bias:
-            tensors[_attn(layer, "kv_up.bias")] = torch.cat([get(_attn(layer, "k_proj.bias")), get(_attn(layer, "v_proj.bias"))])
+            tensors[attn_key(layer, "kv_up.bias")] = torch.cat([get(attn_key(layer, "k_proj.bias")), get(attn_key(layer, "v_proj.bias"))])
     return {name: t.float() for name, t in tensors.items()}
 
 

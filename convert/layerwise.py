@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.layout_tensors import layer_key
+
 SOURCE_CHUNK = 8  # calibration sequences per layer call: the pool's attention scores would not fit at once
 
 WeightFn = Callable[[str], torch.Tensor]
@@ -68,7 +70,7 @@ class LayerwiseModel:
             self.filled_now -= 1
 
     def layer(self, index: int) -> contextlib.AbstractContextManager[nn.Module]:
-        return self.filled(f"model.layers.{index}")
+        return self.filled(layer_key(index))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.filled("model.embed_tokens") as embed_tokens:

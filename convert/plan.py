@@ -1,7 +1,9 @@
 """The conversion plan: every target tensor, where it comes from and by which rule.
 
 Built and checked before a byte is written (mergekit style); ``--dry-run`` prints it, the
-writer executes it, and ``conversion.json`` saves it. Rules:
+writer executes it, and ``conversion.json`` saves it. Which tensors the converted checkpoint
+holds, and which of them a layout keeps, changes or adds, is ``models/layout_tensors.py``'s
+answer; the plan says how each is made. Rules:
 
 * ``copy``       target = source tensor
 * ``fill``       a new tensor of a constant (FusedKV gates at their copy initialization)
@@ -23,18 +25,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.errors import UserError
-from models.kv_layout import LAYOUT_FIELDS, KVLayout
+from models.kv_layout import FUSED_GATE_INIT, LAYOUT_FIELDS, KVLayout
+from models.layout_tensors import LayerTensors, attn_name, layer_tensors, source_shapes, target_shapes
 
 from .source import TensorSource, safetensors_name, tensor_bytes
 
 if TYPE_CHECKING:
     import torch
-
-FUSED_GATE_INIT = {"key_gate_bottom": 0.0, "key_gate_middle": 1.0, "value_gate_bottom": 1.0, "value_gate_middle": 0.0}
-# Source attention tensors a layer of each role does without: top layers read other layers' K/V
-# (keys already normalized), CommonKV rebuilds K/V from a latent and keeps k_norm for the rebuilt keys.
-DROPPED = {"fused": ("k_proj", "v_proj", "k_norm"), "lite": ("k_proj", "v_proj", "k_norm"),
-           "commonkv": ("k_proj", "v_proj")}
 
 
 class TargetConfig(KVLayout):
@@ -93,40 +90,12 @@ class Plan:
         return sum(math.prod(m.shape) for m in self.mappings)
 
 
-def expected_source_shapes(cfg: KVLayout) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Llama/Mistral/Qwen2/Qwen3 checkpoint of this config must hold, with its shape."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    q, kv, inter = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        attn = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
-        for name, shape in attn.items():
-            shapes[f"{p}self_attn.{name}.weight"] = shape
-            has_bias = cfg.attention_bias if name == "o_proj" else cfg.qkv_bias
-            if has_bias:
-                shapes[f"{p}self_attn.{name}.bias"] = shape[:1]
-        if cfg.qk_norm:
-            shapes[f"{p}self_attn.q_norm.weight"] = shapes[f"{p}self_attn.k_norm.weight"] = (d,)
-        for name, shape in {"gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}.items():
-            shapes[f"{p}mlp.{name}.weight"] = shape
-            if cfg.mlp_bias:
-                shapes[f"{p}mlp.{name}.bias"] = shape[:1]
-        shapes[f"{p}input_layernorm.weight"] = (h,)
-        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
-    return shapes
-
-
-def check_source(source: TensorSource, cfg: TargetConfig) -> dict[str, tuple[int, ...]]:
-    expected = expected_source_shapes(cfg)
-    for key, shape in expected.items():
+def check_source(source: TensorSource, cfg: TargetConfig) -> None:
+    for key, shape in source_shapes(cfg).items():
         if key not in source.shapes:
             raise UserError(f"source tensor {key} is missing (the config says it must exist)")
         if tuple(source.shapes[key]) != shape:
             raise UserError(f"source tensor {key} has shape {list(source.shapes[key])}, the config implies {list(shape)}")
-    return expected
 
 
 def skipv1_partners(own: list[int], kv_heads: int) -> list[int | None]:
@@ -136,40 +105,33 @@ def skipv1_partners(own: list[int], kv_heads: int) -> list[int | None]:
 
 
 def build_plan(source: TensorSource, cfg: TargetConfig, skipv1_init: str = "mean") -> Plan:
-    expected = check_source(source, cfg)
-    mappings: list[Mapping] = []
-    used: set[str] = set()
-    for key, shape in expected.items():
-        parts = key.split(".")
-        if len(parts) > 4 and parts[3] == "self_attn":
-            layer, proj = int(parts[2]), parts[4]
-            role = cfg.layer_role(layer)
-            if proj in DROPPED.get(role, ()):
-                continue
-            if role == "skipv1" and proj == "v_proj":
-                own = cfg.skipv1_own_heads[layer]
-                args = {"own": own, "partners": skipv1_partners(own, cfg.num_key_value_heads) if skipv1_init == "mean" else None}
-                mappings.append(Mapping(key, "heads", (len(own) * cfg.head_dim, *shape[1:]), key, args))
-                used.add(key)
-                continue
-        mappings.append(Mapping(key, "copy", shape, key))
-        used.add(key)
-    for layer in range(cfg.num_hidden_layers):
-        if cfg.layer_role(layer) == "fused":
-            for name, value in FUSED_GATE_INIT.items():
-                width = cfg.head_dim // 2 if name.startswith("key") else cfg.head_dim
-                target = f"model.layers.{layer}.self_attn.{name}"
-                mappings.append(Mapping(target, "fill", (cfg.num_key_value_heads, width), None, {"value": value}))
-    if cfg.kv_layout == "commonkv":
-        from . import commonkv
-
-        for group in range(len(cfg.commonkv_groups)):
-            sources = commonkv.source_keys(cfg, group)
-            used.update(sources)
-            args = {"group": group, "rank": cfg.commonkv_ranks[group], "sources": sources}
-            mappings += [Mapping(target, "svd", shape, None, args) for target, shape in commonkv.target_shapes(cfg, group).items()]
+    """One mapping per tensor of the converted checkpoint, as models.layout_tensors lists them."""
+    check_source(source, cfg)
+    layers = [layer_tensors(cfg, i) for i in range(cfg.num_hidden_layers)]
+    mappings = [_mapping(cfg, layers, key, shape, skipv1_init) for key, shape in target_shapes(cfg).items()]
+    used = {m.source for m in mappings if m.source} | {key for m in mappings for key in m.args.get("sources", ())}
     dropped = sorted(k for k in source.keys() if k not in used)
     return Plan(cfg, mappings, dropped)
+
+
+def _mapping(cfg: TargetConfig, layers: list[LayerTensors], key: str, shape: tuple[int, ...], skipv1_init: str) -> Mapping:
+    """A kept tensor is copied, a changed one (SkipV1's own value heads) cut from its source tensor,
+    an added one filled (FusedKV's gates) or factored (CommonKV)."""
+    where = attn_name(key)
+    if where is None or where[1] in layers[where[0]].kept:
+        return Mapping(key, "copy", shape, key)
+    layer, name = where
+    if name in layers[layer].changed:
+        own = cfg.skipv1_own_heads[layer]
+        partners = skipv1_partners(own, cfg.num_key_value_heads) if skipv1_init == "mean" else None
+        return Mapping(key, "heads", shape, key, {"own": own, "partners": partners})
+    if name in FUSED_GATE_INIT:
+        return Mapping(key, "fill", shape, None, {"value": FUSED_GATE_INIT[name]})
+    from . import commonkv
+
+    group = cfg.commonkv_group(layer)
+    args = {"group": group, "rank": cfg.commonkv_ranks[group], "sources": commonkv.source_keys(cfg, group)}
+    return Mapping(key, "svd", shape, None, args)
 
 
 def materialize(plan: Plan, source: TensorSource, mapping: Mapping) -> torch.Tensor:

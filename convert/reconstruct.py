@@ -11,7 +11,8 @@ is trained alone, for a few hundred Adam steps, on the source's own activations:
   stream back to where the source's was, so errors of lower layers are corrected instead of
   compounding.
 
-Only the layer being fitted trains (its gates, q_proj, o_proj and, for SkipV1, its own-head
+Only the layer being fitted trains, and only the tensors through which it adapts to its new K/V
+(``models.layout_tensors.ADAPTING``: its gates, q_proj, o_proj and, for SkipV1, its own-head
 v_proj; for CommonKV its kv_up and, on a group's anchor, the shared kv_down, starting from the
 SVD; Qwen3's q_norm, and CommonKV's k_norm, with the projection they normalize); everything else
 is frozen. Each Adam step sees a batch of calibration sequences, so the pool
@@ -38,17 +39,11 @@ from torch import nn
 
 from common.console import progress
 from common.outputs import stage_prefix
+from models.layout_tensors import adapting_modules, attn_key, module_of
 
 from .layerwise import LayerPass, LayerwiseModel, PoolContext, call_layer, pool_context
 
 SPILL_ABOVE_BYTES = 2 << 30  # source activations larger than this go to memory-mapped files
-
-FITTED_PARAMS = {
-    "fused": ("q_proj", "q_norm", "o_proj", "key_gate_bottom", "key_gate_middle", "value_gate_bottom", "value_gate_middle"),
-    "lite": ("q_proj", "q_norm", "o_proj"),
-    "skipv1": ("q_proj", "q_norm", "v_proj", "o_proj"),
-    "commonkv": ("q_proj", "q_norm", "kv_down", "kv_up", "k_norm", "o_proj"),  # kv_down only on a group's anchor
-}
 
 
 @dataclass
@@ -122,7 +117,7 @@ def reconstruct(source: SourceActivations, target: LayerwiseModel, ids: torch.Te
     hidden = target.embed(ids)
     ctx = pool_context(target, hidden)
     shared_kv: dict = {}  # the storing layers' K/V over the whole pool, published by their forward pass
-    changed = [i for i in range(config.num_hidden_layers) if config.layer_role(i) != "store"]
+    changed = [i for i in range(config.num_hidden_layers) if adapting_modules(config, i)]
     fits: list[LayerFit] = []
     fitted: dict[str, torch.Tensor] = {}
     with progress() as bar:
@@ -132,13 +127,19 @@ def reconstruct(source: SourceActivations, target: LayerwiseModel, ids: torch.Te
             layer_input = hidden if options.mode == "sequential" else source.hidden[i].to(ids.device)
             with target.layer(i) as layer:
                 layer.requires_grad_(False)
-                if role != "store":
-                    fits.append(_fit_layer(layer, i, role, layer_input, source, ctx, shared_kv, options, bar, task))
-                    fitted.update((f"model.layers.{i}.self_attn.{name}", p.detach().to("cpu", copy=True))
-                                  for name, p in layer.self_attn.named_parameters() if name.split(".")[0] in FITTED_PARAMS[role])
+                if i in changed:
+                    params = adapting_params(layer, config, i)
+                    fits.append(_fit_layer(layer, i, role, list(params.values()), layer_input, source, ctx, shared_kv, options, bar, task))
+                    fitted.update((attn_key(i, name), p.detach().to("cpu", copy=True)) for name, p in params.items())
                 with torch.no_grad():  # storage layers publish their K/V into shared_kv here
                     hidden = call_layer(layer, layer_input, ctx, shared_kv=shared_kv)
     return fits, fitted
+
+
+def adapting_params(layer: nn.Module, config, index: int) -> dict[str, nn.Parameter]:
+    """The attention parameters (names under self_attn) through which layer `index` adapts: what reconstruct fits."""
+    modules = adapting_modules(config, index)
+    return {name: p for name, p in layer.self_attn.named_parameters() if module_of(name) in modules}
 
 
 def _attention(layer: nn.Module, hidden: torch.Tensor, ctx: PoolContext, shared_kv: dict) -> torch.Tensor:
@@ -165,9 +166,7 @@ def _select(shared_kv: dict, idx: torch.Tensor | slice) -> dict:
     return {layer: tuple(t if t is None else t[idx] for t in kv) for layer, kv in shared_kv.items()}
 
 
-def _fit_layer(layer, i, role, layer_input, source, ctx, shared_kv, options, bar, task) -> LayerFit:
-    attn = layer.self_attn
-    params = [p for name, p in attn.named_parameters() if name.split(".")[0] in FITTED_PARAMS[role]]
+def _fit_layer(layer, i, role, params, layer_input, source, ctx, shared_kv, options, bar, task) -> LayerFit:
     for p in params:
         p.requires_grad_(True)
     # Both modes fit the attention output; sequential mode also asks it to cancel the drift that

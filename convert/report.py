@@ -10,21 +10,19 @@ from pathlib import Path
 from rich.table import Table
 
 from common.console import console
+from models.kv_layout import dense_kv_elements_per_token
+from models.layout_tensors import source_shapes
 
 from .dtypes import ITEMSIZE, TORCH_NAMES
 from .options import ConvertOptions
-from .plan import Plan, expected_source_shapes
+from .plan import Plan
 from .source import TensorSource
-
-
-def source_kv_bytes_per_token(cfg, bytes_per_element: int) -> int:
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * bytes_per_element
 
 
 def kv_bytes_per_token(plan: Plan, dtype: str) -> dict[str, int]:
     """KV-cache bytes per token of the source and of the converted model, at the output dtype."""
     element = ITEMSIZE[dtype]
-    return {"source": source_kv_bytes_per_token(plan.config, element),
+    return {"source": dense_kv_elements_per_token(plan.config) * element,
             "converted": plan.config.kv_cache_bytes_per_token(element)}
 
 
@@ -40,7 +38,7 @@ def dry_run_table(plan: Plan, source: TensorSource, dtype: str) -> None:
         table.add_row("-", "drop", key, "x".join(map(str, source.shapes[key])))
     console.print(table)
     rules = Counter(m.rule for m in plan.mappings)
-    before = sum(math.prod(s) for s in expected_source_shapes(cfg).values())  # a tied lm_head counts once
+    before = sum(math.prod(s) for s in source_shapes(cfg).values())  # a tied lm_head counts once
     kv_before, kv_after = kv_bytes_per_token(plan, dtype).values()
     summary = Table(title="summary", show_header=False)
     summary.add_row("tensors kept (copy)", str(rules["copy"]))

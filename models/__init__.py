@@ -1,14 +1,16 @@
 """The shared-KV layouts as Hugging Face models.
 
-Nothing heavy is imported with the package: the layout arithmetic (``kv_layout``) is plain
-Python, and a copy conversion needs nothing else. ``SharedKVConfig`` (transformers, which imports
-torch: seconds) is imported on first use of its name; the first use of a modeling name
-(``models.SharedKVForCausalLM``, ``from models import kv_cache_bytes``, ...) imports the modeling
-code and registers ``SharedKVForCausalLM`` with ``AutoModelForCausalLM``. Both classes are marked
-for ``save_pretrained`` to copy their code into the checkpoint with an ``auto_map``, so a converted
-folder loads with ``trust_remote_code=True`` and no project on the path. The config is not
-registered with ``AutoConfig``: its model_type is "llama" (``kv_layout.MODEL_TYPE``), and
-registering it would make every Llama config in the process a ``SharedKVConfig``.
+Nothing heavy is imported with the package: the layout arithmetic (``kv_layout``) and what a
+layout does to a checkpoint's tensors (``layout_tensors``, which checkpoints do not ship: the
+model does not need it) are plain Python, and a copy conversion needs nothing else.
+``SharedKVConfig`` (transformers, which imports torch: seconds) is imported on first use of its
+name; the first use of a modeling name (``models.SharedKVForCausalLM``, ``from models import
+kv_cache_bytes``, ...) imports the modeling code and registers ``SharedKVForCausalLM`` with
+``AutoModelForCausalLM``. Both classes are marked for ``save_pretrained`` to copy their code into
+the checkpoint with an ``auto_map``, so a converted folder loads with ``trust_remote_code=True``
+and no project on the path. The config is not registered with ``AutoConfig``: its model_type is
+"llama" (``kv_layout.MODEL_TYPE``), and registering it would make every Llama config in the
+process a ``SharedKVConfig``.
 """
 import importlib
 import shutil

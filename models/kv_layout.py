@@ -45,6 +45,9 @@ LAYOUT_FIELDS = ("kv_layout", "source_model_type", "qkv_bias", "qk_norm", "num_s
 # source config keys that describe the source file, not the model
 NOT_MODEL_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config",
                     "torch_dtype", "dtype")
+# FusedKV's gates at their copy initialization: keys from the middle layer, values from the bottom
+# one, which is FusedKV-Lite. The model starts there and the converter writes these values.
+FUSED_GATE_INIT = {"key_gate_bottom": 0.0, "key_gate_middle": 1.0, "value_gate_bottom": 1.0, "value_gate_middle": 0.0}
 
 
 def source_fields(fields: dict, model_type: str | None) -> dict:
@@ -162,7 +165,7 @@ class KVLayout:
     @property
     def commonkv_budget(self) -> int:
         """Latent width all groups share: commonkv_ratio of the source's cached K/V width per token."""
-        return round(self.commonkv_ratio * 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim)
+        return round(self.commonkv_ratio * dense_kv_elements_per_token(self))
 
     def commonkv_group(self, layer_idx: int) -> int:
         return layer_idx // self.commonkv_group_size
@@ -198,6 +201,21 @@ class KVLayout:
             elif role == "skipv1":
                 total_heads += self.num_key_value_heads + len(self.skipv1_own_heads[i])
         return total_heads * head_bytes
+
+
+def dense_kv_elements_per_token(config) -> int:
+    """K/V elements one token costs (batch 1) when every layer caches its own K and V, as the
+    source does: 2 * layers * kv_heads * head_dim. Any Llama-family config (head_dim may be unset)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+
+
+def kv_bytes_per_token(config, bytes_per_element: int) -> int:
+    """KV-cache bytes one token costs (batch 1) by the config's arithmetic: its layout's, or the
+    dense cache of a model without one (a source, the control arm)."""
+    if hasattr(config, "kv_cache_bytes_per_token"):
+        return config.kv_cache_bytes_per_token(bytes_per_element)
+    return dense_kv_elements_per_token(config) * bytes_per_element
 
 
 def allocate_ranks(budget: int, weights: list[float], caps: list[int]) -> list[int]:

@@ -43,6 +43,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_sharedkv import SharedKVConfig
+from .kv_layout import FUSED_GATE_INIT
 
 SharedKV = dict[int, tuple[torch.Tensor, torch.Tensor | None]]  # CommonKV publishes (latent, None)
 
@@ -142,12 +143,17 @@ class FusedAttention(SharedKVAttention):
     def __init__(self, config: SharedKVConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.middle = config.middle_layer
-        pairs, dims = (self.num_kv_heads, self.head_dim // 2), (self.num_kv_heads, self.head_dim)
-        # Initialised as FusedKV-Lite (keys from the middle layer, values from the bottom one).
-        self.key_gate_bottom = nn.Parameter(torch.zeros(pairs))
-        self.key_gate_middle = nn.Parameter(torch.ones(pairs))
-        self.value_gate_bottom = nn.Parameter(torch.ones(dims))
-        self.value_gate_middle = nn.Parameter(torch.zeros(dims))
+        # key_gate_bottom, key_gate_middle, value_gate_bottom, value_gate_middle (a, b, c, d), starting
+        # as FusedKV-Lite: keys from the middle layer, values from the bottom one.
+        for name, value in FUSED_GATE_INIT.items():
+            width = self.head_dim // 2 if name.startswith("key") else self.head_dim
+            self.register_parameter(name, nn.Parameter(torch.full((self.num_kv_heads, width), value)))
+
+    def reset_gates(self) -> None:
+        """Back to the FusedKV-Lite start (FUSED_GATE_INIT)."""
+        with torch.no_grad():
+            for name, value in FUSED_GATE_INIT.items():
+                getattr(self, name).fill_(value)
 
     @staticmethod
     def key_gate(half: torch.Tensor) -> torch.Tensor:
@@ -165,14 +171,12 @@ class FusedAttention(SharedKVAttention):
 
     @staticmethod
     def fuse(k0, km, v0, vm, a, b, c, d):
-        """The fusion itself, one function so a compiled kernel can replace it (see bench/)."""
+        """The fused K and V from the bottom and middle layers' K and V and the gates."""
         return a * k0 + b * km, c * v0 + d * vm
-
-    factored_decode = True  # False: fuse the caches first even when decoding (benchmarks compare both)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                 shared_kv=None, **kwargs):
-        if self.factored_decode and hidden_states.shape[1] == 1 and not torch.is_grad_enabled():
+        if past_key_values is not None and hidden_states.shape[1] == 1:  # one new token on a cache
             return self.decode_step(hidden_states, position_embeddings, attention_mask, shared_kv)
         return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, shared_kv, **kwargs)
 
@@ -232,8 +236,10 @@ class SkipV1Attention(SharedKVAttention):
         first_values = shared_kv[0][1]
         if self.head_order is None:  # own heads are 0..r-1, layer 0's heads r.. follow
             blocks = (own_values, first_values[:, self.num_own :])
-            # Inference attends block by block (see attention); in training one concatenation measured faster
-            return key_states, blocks if not torch.is_grad_enabled() else torch.cat(blocks, dim=1)
+            # With a cache the values span every earlier token: attending block by block (see attention)
+            # saves concatenating them at every step. Without one (training, scoring) one concatenation
+            # measured faster (README, Benchmarks).
+            return key_states, blocks if past_key_values is not None else torch.cat(blocks, dim=1)
         value_states = torch.cat((own_values, first_values[:, self.reused_heads]), dim=1)
         return key_states, value_states[:, self.head_order]
 
@@ -327,11 +333,7 @@ class SharedKVPreTrainedModel(LlamaPreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, FusedAttention):  # start as FusedKV-Lite, the copy-source initialization
-            with torch.no_grad():
-                module.key_gate_bottom.zero_()
-                module.key_gate_middle.fill_(1.0)
-                module.value_gate_bottom.fill_(1.0)
-                module.value_gate_middle.zero_()
+            module.reset_gates()
 
 
 class SharedKVModel(SharedKVPreTrainedModel, LlamaModel):

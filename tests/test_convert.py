@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from convert.plan import FUSED_GATE_INIT
+from models.kv_layout import FUSED_GATE_INIT
 from models import SharedKVConfig
 
 IDS = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaF
 from transformers import MistralForCausalLM, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from models import SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes
-from models.modeling_sharedkv import FusedAttention
+from models.modeling_sharedkv import FusedAttention, SkipV1Attention
 from tests.conftest import LLAMA3_ROPE
 
 VOCAB = 101
@@ -222,11 +222,13 @@ def test_new_sources_decode_incrementally_and_cache_what_the_arithmetic_says(fam
     assert kv_cache_bytes(cache) == model.config.kv_cache_bytes_per_token(4) * 2 * 17
 
 
+@pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_fusedkv_inference_decode_without_fusing_equals_full_forward(kv_heads, attn, monkeypatch):
-    """Inference decode steps attend to the two caches without building the fused K/V
-    (FusedAttention.decode_step); with a left-padded row they still equal the full forward."""
+def test_fusedkv_decode_without_fusing_equals_full_forward(kv_heads, attn, grad, monkeypatch):
+    """Decode steps (one new token on a cache) attend to the two caches without building the fused
+    K/V (FusedAttention.decode_step), whether or not autograd records; every other call (prefill,
+    the full forward) fuses. With a left-padded row the steps still equal the full forward."""
     model = layout_model("fusedkv", source=random_source(kv_heads=kv_heads))
     model.config._attn_implementation = attn
     calls = []
@@ -235,7 +237,7 @@ def test_fusedkv_inference_decode_without_fusing_equals_full_forward(kv_heads, a
     ids = torch.randint(0, VOCAB, (2, 14))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         full = model(ids, attention_mask=mask).logits
         out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
         steps = [out.logits]
@@ -244,6 +246,7 @@ def test_fusedkv_inference_decode_without_fusing_equals_full_forward(kv_heads, a
                         use_cache=True)
             steps.append(out.logits)
     inc = torch.cat(steps, dim=1)
+    assert inc.requires_grad == grad
     assert len(calls) == 8 * 2  # every decode step, in both top layers
     torch.testing.assert_close(inc[0], full[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(inc[1, 3:], full[1, 3:], atol=1e-5, rtol=0)
@@ -251,17 +254,23 @@ def test_fusedkv_inference_decode_without_fusing_equals_full_forward(kv_heads, a
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("own", [[[0, 1]] * 4, [[0, 1], [0], [], [0, 1]]])
-def test_skipv1_inference_attends_by_head_block_like_training(own, attn):
-    """Without grad, SkipV1 attends own and reused heads as two blocks (no concatenated values);
-    the logits equal the concatenating path used in training, also decoding step by step."""
+def test_skipv1_with_a_cache_attends_by_head_block_like_training(own, attn, monkeypatch):
+    """With a cache, SkipV1 attends own and reused heads as two blocks (no concatenated values);
+    the logits equal the concatenating path of calls without one (training), also decoding step by step."""
     model = layout_model("skipv1", skipv1_own_heads=own)
     model.config._attn_implementation = attn
+    blocks = []
+    original = SkipV1Attention.attention
+    monkeypatch.setattr(SkipV1Attention, "attention",
+                        lambda self, q, k, v, *a, **kw: blocks.append(isinstance(v, tuple)) or original(self, q, k, v, *a, **kw))
     ids = torch.randint(0, VOCAB, (2, 12))
-    concatenated = model(ids).logits.detach()  # grad enabled: one value tensor
+    concatenated = model(ids, use_cache=False).logits.detach()  # the training path: one value tensor
+    assert not any(blocks)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, concatenated, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(ids, use_cache=False).logits, concatenated, atol=1e-5, rtol=0)
         inc, _ = incremental_logits(model, ids, prefix=5)
     torch.testing.assert_close(inc, concatenated, atol=1e-5, rtol=0)
+    assert any(blocks)
 
 
 def test_skipv1_odd_kv_heads_with_arbitrary_own_heads():

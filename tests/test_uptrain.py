@@ -157,6 +157,22 @@ def test_warmup_trains_only_new_parameters_first(converted):
         schedule.step()
 
 
+@pytest.mark.parametrize("layout", ["fusedkv", "fusedkv_lite", "skipv1", "commonkv"])
+def test_warmup_trains_what_reconstruct_fits(make_source, cli, tmp_path, layout):
+    """One answer to "through what does a converted layer adapt": the tensors reconstruct fitted are
+    the ones warmup_new_params_steps trains first (uptrain once warmed up only SkipV1's v_proj and
+    CommonKV's factors, without the q/o projections reconstruct fits with them)."""
+    out = tmp_path / layout
+    assert cli("convert", "--source", make_source(family="qwen3"), "--layout", layout, "--init", "reconstruct",
+               "--reconstruct-steps", 1, "--calib-tokens", 64, "--out", out) == 0
+    fitted = {m["target"] for m in json.loads((out / "conversion.json").read_text())["mappings"] if m["rule"] == "fitted"}
+    model = load_causal_lm(out)
+    optimizer, _ = optimizer_and_schedule(model, load_recipe(None, ["warmup_new_params_steps=3"]), total_steps=10)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert {names[id(p)] for p in optimizer.param_groups[0]["params"]} == fitted
+    assert any(".o_proj." in name for name in fitted)
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"learning_rate": 1.0}, "unknown option 'learning_rate'"),
     ({"model": "/nonexistent/model"}, "does not exist"),

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
+from models.layout_tensors import adapts
+
 from .recipe import Recipe
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "configs" / "deepspeed_zero.json"
-NEW_PARAM_MARKERS = ("_gate_", ".kv_down.", ".kv_up.")  # FusedKV gates, CommonKV factors
 
 
 def init_distributed() -> tuple[int, int]:
@@ -47,25 +48,18 @@ def ds_config(recipe: Recipe, world_size: int) -> dict:
     return config
 
 
-def is_new_param(name: str, config) -> bool:
-    """Parameters the conversion created or reshaped: gates, CommonKV factors, SkipV1 own-head v_proj, top layers'
-    q/o (and Qwen3's q_norm, which reconstruct fits with q_proj)."""
-    if any(marker in name for marker in NEW_PARAM_MARKERS):
-        return True
-    parts = name.split(".")
-    if "self_attn" not in parts or not hasattr(config, "layer_role"):
-        return False
-    role = config.layer_role(int(parts[parts.index("layers") + 1]))
-    proj = parts[parts.index("self_attn") + 1]
-    top_layer_query = role in ("fused", "lite") and proj in ("q_proj", "q_norm", "o_proj")
-    return top_layer_query or (role == "skipv1" and proj == "v_proj")
+def warmed_up_first(name: str, config) -> bool:
+    """What warmup_new_params_steps trains alone: the tensors through which the converted layers
+    adapt to their new K/V, the same ones reconstruct fits (models.layout_tensors.ADAPTING). A
+    source model (the control arm) has a config without a layout, so nothing of it is new."""
+    return hasattr(config, "layer_role") and adapts(config, name)
 
 
 def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
     """AdamW with a cosine schedule; during warmup_new_params_steps only new parameters move (lr 0 elsewhere)."""
     new, old = [], []
     for name, p in model.named_parameters():
-        (new if is_new_param(name, model.config) else old).append(p)
+        (new if warmed_up_first(name, model.config) else old).append(p)
     groups = [{"params": g, "weight_decay": recipe.weight_decay} for g in (new, old) if g]
     optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas), weight_decay=recipe.weight_decay)
 

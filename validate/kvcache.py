@@ -11,15 +11,12 @@ import time
 import torch
 
 from models import kv_cache_bytes
+from models.kv_layout import kv_bytes_per_token
 
 
 def arithmetic_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """What the config says one cached token costs (batch 1): the layout's formula, or 2*L*kv_heads*head_dim."""
-    element = torch.tensor([], dtype=dtype).element_size()
-    if hasattr(config, "kv_cache_bytes_per_token"):
-        return config.kv_cache_bytes_per_token(element)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
+    """What the config says one cached token of dtype costs (batch 1): the layout's arithmetic, or a dense cache's."""
+    return kv_bytes_per_token(config, torch.tensor([], dtype=dtype).element_size())
 
 
 @torch.inference_mode()
