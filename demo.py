@@ -62,10 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
 
 
-def staged(stage: str, options, flags, config: Path | None = None, **kwargs):
+def staged(stage: str, options, flags, config: str | None = None, keep=(), **kwargs):
     """One stage, printed as the command that does the same, run as a library call in a fresh
     process (`<stage>.run(options)`): the models and buffers it holds leave with it."""
-    console.print(f"[bold]$ {command_line(stage, options, flags, config)}[/]", highlight=False, soft_wrap=True)
+    console.print(f"[bold]$ {command_line(stage, options, flags, config, keep)}[/]", highlight=False, soft_wrap=True)
     result, peak_gb = in_child(measured, STAGES[stage].run, options, kwargs)
     console.print(f"[dim]{stage}: peak memory {peak_gb:.2f} GB[/]")
     PEAKS[stage] = max(PEAKS.get(stage, 0.0), peak_gb)
@@ -117,7 +117,7 @@ def convert_step(layout: str, init: str, out: Path, force: bool) -> Path:
     target = out / "checkpoints" / f"{layout}-{init}"
     if force or not (target / "config.json").exists():
         options = convert.ConvertOptions(layout=layout, init=init, out=str(target), force=True, **DEMO_FIT)
-        staged("convert", options, FLAGS)
+        staged("convert", options, FLAGS, keep=("layout", "init"))
     return target
 
 

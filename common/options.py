@@ -227,15 +227,17 @@ def options_from_args(cls: type[T], args: argparse.Namespace, flags: Sequence[st
     return load_options(cls, args.config, args.set, {name: getattr(args, name) for name in flags})
 
 
-def command_line(stage: str, options, flags: Sequence[str], config: str | Path | None = None) -> str:
+def command_line(stage: str, options, flags: Sequence[str], config: str | Path | None = None,
+                 keep: Sequence[str] = ()) -> str:
     """`python run.py <stage> [--config FILE] ...` that reproduces options: the values that differ
-    from the defaults (or from the config file's), each as a flag where the stage has one, else --set."""
+    from the defaults (or from the config file's) and those named in keep, each as a flag where the
+    stage has one, else --set."""
     parts = ["python", "run.py", stage, *(["--config", str(config)] if config else [])]
     cls = type(options)
     base = cls(**typed(cls, read_config(config)))
     for name in fields_of(cls):
         value = getattr(options, name)
-        if value == getattr(base, name):
+        if value == getattr(base, name) and name not in keep:
             continue
         if name not in flags:
             text = yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True,

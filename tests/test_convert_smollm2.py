@@ -47,3 +47,35 @@ def test_step0_perplexity_reconstruct_beats_calibrated(step0_ppl, tmp_path, held
     ppl = perplexity(out, heldout_ids)
     print(f"\nstep-0 perplexity, reconstruct (4 steps, 512 tokens): {ppl:.1f}")
     assert ppl < step0_ppl["calibrated"]
+
+
+def test_the_embedded_gguf_loads_through_its_dequantized_cache(tmp_path, monkeypatch):
+    """A small GGUF is dequantized once into the user cache, and every later load reads that folder:
+    the same weights as the GGUF's own dequantization, the same tokenizer."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors import safe_open
+
+    from common import sources
+
+    gguf = sources.default_model_path()
+    monkeypatch.setenv("KVSHARE_CACHE", str(tmp_path / "cache"))
+    folder = sources.dequantized(gguf)
+    assert folder.parent == tmp_path / "cache" / "gguf" and (folder / "config.json").is_file()
+    embedding = next(t for t in GGUFReader(gguf).tensors if t.name == "token_embd.weight")
+    with safe_open(folder / "model.safetensors", "np") as saved:
+        cached = saved.get_tensor("model.embed_tokens.weight")
+    assert np.array_equal(cached, dequantize(embedding.data, embedding.tensor_type).reshape(cached.shape))
+
+    def dequantizing(path):
+        raise AssertionError("the GGUF was read again")
+
+    monkeypatch.setattr(sources, "_load_gguf_model", dequantizing)
+    text = default_wikitext("test").read_text()[:4000]
+    assert load_tokenizer(None)(text)["input_ids"] == sources._load_gguf_tokenizer(gguf)(text)["input_ids"]
+    assert load_causal_lm(None).config.num_hidden_layers == 30
+    # a cache that cannot be written: the GGUF is read directly, nothing fails
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("KVSHARE_CACHE", str(tmp_path / "not-a-folder"))
+    assert sources.dequantized(gguf) is None

@@ -24,5 +24,5 @@ def test_demo_runs_the_whole_pipeline(cli, tmp_path, capsys):
     assert (out / "quality_per_compute.png").is_file()
     err = capsys.readouterr().err
     assert "nowhere near parity" in err and "greedy answers" in err
-    assert "$ python run.py convert --layout fusedkv --out" in err  # every stage is shown as the command a user would type
+    assert "$ python run.py convert --layout fusedkv --out" in err and "--init copy" in err  # every stage is shown as the command a user would type
     assert "uptrain: peak memory" in err and set(report["peak_memory_gb"]) == {"uptrain", "convert", "validate"}
