@@ -42,6 +42,12 @@ demo: venv
 # on two cores measured up to 25x slower than one (threads spinning while the other core is busy).
 test: venv
 	$(PY) -m pytest -q -n 2 tests
+	@if [ -x $(SERVE_PY) ]; then $(MAKE) --no-print-directory test-serve; \
+	else echo "skipped the vLLM serving tests: no .venv-serve (make serve-env, then make test-serve)"; fi
+
+# vLLM serves converted checkpoints as transformers generates them (tests/serve, in .venv-serve).
+test-serve: serve-env
+	$(SERVE_PY) -m pytest -q tests/serve
 
 # Throughput and memory on this machine (about 10 minutes on 2 cores): JSON in bench/results/.
 bench-cpu: venv
