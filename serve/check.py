@@ -51,7 +51,7 @@ def run_vllm(folder: Path, prompt_ids: list[list[int]], args) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(folder), dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
-              kv_cache_memory_bytes=args.kv_cache_bytes, seed=0, enforce_eager=True)
+              kv_cache_memory_bytes=args.kv_cache_bytes, seed=0)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, logprobs=0)
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)

@@ -62,8 +62,12 @@ def gather(cache: torch.Tensor, request: Request) -> torch.Tensor:
 
 
 def write(cache: torch.Tensor, rows: torch.Tensor, layer_name: str) -> None:
-    """Store (tokens, head slots, features) rows at the step's slots for ``layer_name`` (-1: padding)."""
-    slots = get_forward_context().slot_mapping[layer_name][: rows.shape[0]]
+    """Store (tokens, head slots, features) rows at the step's slots for ``layer_name`` (-1: padding).
+    Nothing in vLLM's warm-up runs, which have no slots (and no cache yet)."""
+    slots = (get_forward_context().slot_mapping or {}).get(layer_name)
+    if slots is None:
+        return
+    slots = slots[: rows.shape[0]]
     keep = slots >= 0
     slots, rows = slots[keep], rows[keep]
     block_size = cache.shape[2]
