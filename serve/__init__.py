@@ -1,0 +1,1 @@
+"""Serving converted checkpoints with vLLM (an out-of-tree model plugin; see plugin.py)."""
