@@ -22,6 +22,7 @@ import torch
 from common.console import console
 from common.data import read_text
 from common.errors import UserError
+from common.outputs import user_os_errors
 from common.sources import (
     OOD_TEXT,
     default_wikitext,
@@ -32,6 +33,7 @@ from common.sources import (
     resolve_model_path,
 )
 
+from . import passkey, tasks
 from .bootstrap import ratio_interval
 from .kvcache import arithmetic_bytes_per_token, measure_decode
 from .perplexity import WindowScores, score_windows
@@ -61,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-new-tokens", type=int, default=16, help="timed greedy decode steps (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the bootstrap and the decode prompts")
     parser.add_argument("--out", default=None, help="report folder (default runs/validate-<candidate name>)")
+    tasks.add_arguments(parser)
+    passkey.add_arguments(parser)
 
 
 def model_path(role: str, value: str | None) -> Path:
@@ -91,11 +95,14 @@ def check_args(args: argparse.Namespace) -> dict[str, Path]:
     if args.bootstrap < 1 or args.decode_new_tokens < 1:
         raise UserError("--bootstrap and --decode-new-tokens must be at least 1")
     decode_lengths(args.decode_lengths)
+    tasks.check_args(args)
+    passkey.settings(args)
     paths = {"source": model_path("source", args.source)}
     if args.control:
         paths["control"] = model_path("control", args.control)
     paths["candidate"] = model_path("candidate", args.candidate)
     check_positions(paths, args)
+    passkey.check_positions(args, paths)
     return paths
 
 
@@ -148,9 +155,8 @@ def tokenized_texts(texts: list[tuple[str, str]], args: argparse.Namespace, toke
     return token_sets
 
 
-def check_same_tokens(paths: dict[str, Path], texts, args) -> list:
+def check_same_tokens(paths: dict[str, Path], texts, args, source_tokenizer) -> list:
     """The source's token ids, after checking every other model's tokenizer yields the very same ids."""
-    source_tokenizer = load_tokenizer(paths["source"])
     token_sets = tokenized_texts(texts, args, source_tokenizer)
     for role, path in paths.items():
         if path == paths["source"]:
@@ -166,8 +172,9 @@ def check_same_tokens(paths: dict[str, Path], texts, args) -> list:
     return token_sets
 
 
-def evaluate_model(role: str, path: Path, token_sets, args) -> dict:
-    """Load one model (only one is in memory at a time), score every text, measure its KV cache and speed."""
+def evaluate_model(role: str, path: Path, token_sets, args, tokenizer=None, prompts=None, task_set=None) -> dict:
+    """Load one model (only one is in memory at a time), score every text, measure its KV cache and speed;
+    the passkey prompts and lm-eval tasks, when given, with the source's tokenizer (checked equal to its own)."""
     model = load_causal_lm(path, attn_implementation="sdpa")
     top_id = max(int(ids.max()) for _, ids in token_sets)
     if top_id >= model.config.vocab_size:
@@ -183,6 +190,10 @@ def evaluate_model(role: str, path: Path, token_sets, args) -> dict:
         "kv_bytes_per_token_arithmetic": arithmetic_bytes_per_token(model.config, model.dtype),
         "kv_bytes_per_token_measured": decode[-1]["kv_bytes_per_token"],
     }
+    if prompts:
+        result["passkey"] = passkey.evaluate(model, tokenizer, prompts, f"{role} passkey")
+    if task_set:
+        result["tasks"] = tasks.evaluate(model, tokenizer, task_set)
     del model
     gc.collect()
     return result
@@ -228,20 +239,33 @@ def build_report(args, token_sets, results: dict[str, dict]) -> dict:
     source_kv = results["source"]["kv_bytes_per_token_measured"]
     models = {}
     for role, res in results.items():
-        models[role] = {k: v for k, v in res.items() if k != "scores"}
+        models[role] = {k: v for k, v in res.items() if k not in ("scores", "passkey", "tasks")}
         models[role]["kv_saving_vs_source"] = 1 - res["kv_bytes_per_token_measured"] / source_kv
     passed = all(text["comparison"]["pass"] for text in texts)
+    summary = ", ".join(f"{t['name']} " + ("diverged" if t["comparison"]["diverged"] else
+                                           f"ratio {t['comparison']['ratio']:.4f}") for t in texts)
+    rule = verdict_rule(reference, args.tolerance)
+    extra = {}
+    if "tasks" in results["candidate"]:
+        extra["tasks"] = tasks.compare({r: res["tasks"] for r, res in results.items()}, reference,
+                                       args.max_accuracy_drop)
+        if args.max_accuracy_drop is not None:
+            passed = passed and tasks.passed(extra["tasks"])
+            summary += "; " + tasks.summary(extra["tasks"])
+            rule += (f" And on every task, candidate accuracy >= {reference} accuracy - {args.max_accuracy_drop:g} "
+                     "(point estimate, same examples).")
+    if "passkey" in results["candidate"]:
+        extra["passkey"] = passkey.table({r: res["passkey"] for r, res in results.items()})
     return {
         "verdict": {
             "pass": passed, "exit_code": 0 if passed else 1, "reference": reference,
-            "tolerance": args.tolerance, "rule": verdict_rule(reference, args.tolerance),
-            "summary": ", ".join(f"{t['name']} " + ("diverged" if t["comparison"]["diverged"] else
-                                                      f"ratio {t['comparison']['ratio']:.4f}") for t in texts),
+            "tolerance": args.tolerance, "rule": rule, "summary": summary,
         },
         "settings": {k: v for k, v in vars(args).items() if k not in ("module", "command")},
         "decode_lengths": decode_lengths(args.decode_lengths),
         "texts": texts,
         "models": models,
+        **extra,
     }
 
 
@@ -253,11 +277,19 @@ def main(args: argparse.Namespace) -> int:
     paths = check_args(args)
     out = report_folder(args, paths["candidate"])
     texts = held_out_texts(args)
-    token_sets = check_same_tokens(paths, texts, args)
+    tokenizer = load_tokenizer(paths["source"])
+    token_sets = check_same_tokens(paths, texts, args, tokenizer)
+    chosen = passkey.settings(args)
+    prompts = passkey.build_prompts(tokenizer, *chosen, args.seed) if chosen else None
+    task_set = tasks.load_tasks(args)  # unknown tasks and unreachable data fail here, before any model loads
     torch.manual_seed(args.seed)
-    results = {role: evaluate_model(role, path, token_sets, args) for role, path in paths.items()}
+    results = {role: evaluate_model(role, path, token_sets, args, tokenizer, prompts, task_set)
+               for role, path in paths.items()}
     report = build_report(args, token_sets, results)
     write_report(report, out)
+    if "passkey" in report:
+        with user_os_errors(out):
+            passkey.plot(report["passkey"], out / "passkey.png", f"passkey retrieval: {out.name}")
     render_console(report)
     console.print(f"report: {out / 'report.md'}")
     return report["verdict"]["exit_code"]

@@ -69,6 +69,15 @@ def step0_perplexities(checkpoint: Path, token_sets, args) -> list[float]:
     return [score_windows(model, ids, 512, 256, f"step-0 ppl {name}").perplexity for name, ids in token_sets]
 
 
+def validate_args(argv: list) -> argparse.Namespace:
+    """validate's own parser, so every flag not given here keeps validate's default."""
+    from . import cli as validate_cli
+
+    parser = argparse.ArgumentParser()
+    validate_cli.add_arguments(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
 def main(args: argparse.Namespace) -> int:
     from . import cli as validate_cli
 
@@ -89,10 +98,8 @@ def main(args: argparse.Namespace) -> int:
         trained = uptrain_step(converted, out / "runs" / f"{layout}-{args.init}", args.steps, False, args.force)
         console.rule(f"{layout}: validate")
         report_dir = out / "reports" / f"{layout}-{args.init}"
-        val_args = argparse.Namespace(candidate=str(trained), source=None, control=str(control), data=None,
-                                      max_tokens=args.max_tokens, context=512, stride=256, tolerance=0.01,
-                                      bootstrap=1000, decode_lengths="128", decode_new_tokens=8, seed=0,
-                                      out=str(report_dir))
+        val_args = validate_args(["--candidate", trained, "--control", control, "--max-tokens", args.max_tokens,
+                                  "--decode-lengths", 128, "--decode-new-tokens", 8, "--out", report_dir])
         exit_code = validate_cli.main(val_args)
         report = json.loads((report_dir / "report.json").read_text())
         token_sets = validate_cli.tokenized_texts(validate_cli.held_out_texts(val_args), val_args)
