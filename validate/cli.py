@@ -276,12 +276,12 @@ def default_out(candidate: Path) -> Path:
 def main(args: argparse.Namespace) -> int:
     paths = check_args(args)
     out = report_folder(args, paths["candidate"])
+    task_set = tasks.load_tasks(args)  # unknown tasks and unreachable data fail first: the likeliest mistakes
     texts = held_out_texts(args)
     tokenizer = load_tokenizer(paths["source"])
     token_sets = check_same_tokens(paths, texts, args, tokenizer)
     chosen = passkey.settings(args)
     prompts = passkey.build_prompts(tokenizer, *chosen, args.seed) if chosen else None
-    task_set = tasks.load_tasks(args)  # unknown tasks and unreachable data fail here, before any model loads
     torch.manual_seed(args.seed)
     results = {role: evaluate_model(role, path, token_sets, args, tokenizer, prompts, task_set)
                for role, path in paths.items()}
