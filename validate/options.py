@@ -27,6 +27,20 @@ class ValidateOptions:
     decode_new_tokens: int = option(16, "timed greedy decode steps")
     seed: int = option(0, "seed for the bootstrap and the decode prompts")
     out: str | None = option(None, "report folder (none: runs/validate-<candidate name>)")
+    tasks: str | None = option(None, "lm-evaluation-harness tasks or groups, comma-separated, e.g. hellaswag,arc_easy "
+                                     "(their data from the hub or the local datasets cache)")
+    tasks_path: str | None = option(None, "a folder of extra lm-eval task YAMLs (include_path)")
+    tasks_limit: int = option(0, "score only the first N examples of each task, 0 = all")
+    tasks_batch_size: int = option(8, "lm-eval batch size")
+    max_accuracy_drop: float | None = option(None, "also FAIL when the candidate's accuracy on any task is more than "
+                                                   "this below the reference's, e.g. 0.01 = one point "
+                                                   "(none: tasks are reported, not judged)")
+    passkey: bool = option(False, "also run the passkey retrieval test (implied by the passkey_* options)")
+    passkey_lengths: str | None = option(None, "passkey context lengths in tokens, comma-separated "
+                                               "(none: 1024,2048,4096; at most the models' max_position_embeddings)")
+    passkey_depths: str | None = option(None, "passkey key depths, fractions of the filler before the key, "
+                                              "comma-separated (none: 0.1,0.5,0.9)")
+    passkey_trials: int | None = option(None, "passkey keys per length and depth (none: 3)")
 
     def check(self) -> None:
         if not self.candidate:

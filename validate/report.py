@@ -11,6 +11,8 @@ from rich.table import Table
 from common.console import console
 from common.outputs import made_folder, user_os_errors
 
+from . import passkey, tasks
+
 
 def model_rows(report: dict) -> list[tuple[str, list[str]]]:
     """(label, one cell per model) rows: perplexities, KV bytes, parameters, decode speed."""
@@ -67,7 +69,7 @@ def render_console(report: dict) -> None:
     for label, cells in model_rows(report):
         table.add_row(label, *cells)
     console.print(table)
-    for line in comparison_lines(report):
+    for line in comparison_lines(report) + tasks.markdown_lines(report) + passkey.markdown_lines(report):
         console.print(line, highlight=False)
     colour = "green" if report["verdict"]["pass"] else "red"
     console.print(f"[bold {colour}]{_verdict_word(report)}[/] (exit {report['verdict']['exit_code']}): "
@@ -85,7 +87,8 @@ def render_markdown(report: dict) -> str:
              "tokens of each window scored; every model scored on the same token ids.", "",
              "| | " + " | ".join(roles) + " |", "|---|" + "---:|" * len(roles)]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in model_rows(report)]
-    lines += ["", *[f"- {line}" for line in comparison_lines(report)], "", "Models:", ""]
+    lines += ["", *[f"- {line}" for line in comparison_lines(report)], ""]
+    lines += tasks.markdown_lines(report) + passkey.markdown_lines(report) + ["Models:", ""]
     lines += [f"- {role}: `{report['models'][role]['path']}`" for role in roles]
     return "\n".join(lines) + "\n"
 

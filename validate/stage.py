@@ -23,6 +23,7 @@ import torch
 from common.console import console
 from common.data import read_text
 from common.errors import UserError
+from common.outputs import user_os_errors
 from common.sources import (
     OOD_TEXT,
     default_wikitext,
@@ -33,6 +34,7 @@ from common.sources import (
     resolve_model_path,
 )
 
+from . import passkey, tasks
 from .bootstrap import ratio_interval
 from .kvcache import arithmetic_bytes_per_token, measure_decode
 from .options import ValidateOptions
@@ -50,11 +52,14 @@ def model_path(role: str, value: str | None) -> Path:
 
 def check_args(opts: ValidateOptions) -> dict[str, Path]:
     """The model paths, in report column order, checked before anything is loaded."""
+    tasks.check_args(opts)
+    passkey.settings(opts)
     paths = {"source": model_path("source", opts.source)}
     if opts.control:
         paths["control"] = model_path("control", opts.control)
     paths["candidate"] = model_path("candidate", opts.candidate)
     check_positions(paths, opts)
+    passkey.check_positions(opts, paths)
     return paths
 
 
@@ -107,9 +112,8 @@ def tokenized_texts(texts: list[tuple[str, str]], opts: ValidateOptions, tokeniz
     return token_sets
 
 
-def check_same_tokens(paths: dict[str, Path], texts, opts: ValidateOptions) -> list:
+def check_same_tokens(paths: dict[str, Path], texts, opts: ValidateOptions, source_tokenizer) -> list:
     """The source's token ids, after checking every other model's tokenizer yields the very same ids."""
-    source_tokenizer = load_tokenizer(paths["source"])
     token_sets = tokenized_texts(texts, opts, source_tokenizer)
     for role, path in paths.items():
         if path == paths["source"]:
@@ -125,8 +129,10 @@ def check_same_tokens(paths: dict[str, Path], texts, opts: ValidateOptions) -> l
     return token_sets
 
 
-def evaluate_model(role: str, path: Path, token_sets, opts: ValidateOptions) -> dict:
-    """Load one model (only one is in memory at a time), score every text, measure its KV cache and speed."""
+def evaluate_model(role: str, path: Path, token_sets, opts: ValidateOptions, tokenizer=None, prompts=None,
+                   task_set=None) -> dict:
+    """Load one model (only one is in memory at a time), score every text, measure its KV cache and speed;
+    the passkey prompts and lm-eval tasks, when given, with the source's tokenizer (checked equal to its own)."""
     model = load_causal_lm(path, attn_implementation="sdpa")
     top_id = max(int(ids.max()) for _, ids in token_sets)
     if top_id >= model.config.vocab_size:
@@ -142,6 +148,10 @@ def evaluate_model(role: str, path: Path, token_sets, opts: ValidateOptions) -> 
         "kv_bytes_per_token_arithmetic": arithmetic_bytes_per_token(model.config, model.dtype),
         "kv_bytes_per_token_measured": decode[-1]["kv_bytes_per_token"],
     }
+    if prompts:
+        result["passkey"] = passkey.evaluate(model, tokenizer, prompts, f"{role} passkey")
+    if task_set:
+        result["tasks"] = tasks.evaluate(model, tokenizer, task_set)
     del model
     gc.collect()
     return result
@@ -187,20 +197,33 @@ def build_report(opts: ValidateOptions, token_sets, results: dict[str, dict]) ->
     source_kv = results["source"]["kv_bytes_per_token_measured"]
     models = {}
     for role, res in results.items():
-        models[role] = {k: v for k, v in res.items() if k != "scores"}
+        models[role] = {k: v for k, v in res.items() if k not in ("scores", "passkey", "tasks")}
         models[role]["kv_saving_vs_source"] = 1 - res["kv_bytes_per_token_measured"] / source_kv
     passed = all(text["comparison"]["pass"] for text in texts)
+    summary = ", ".join(f"{t['name']} " + ("diverged" if t["comparison"]["diverged"] else
+                                           f"ratio {t['comparison']['ratio']:.4f}") for t in texts)
+    rule = verdict_rule(reference, opts.tolerance)
+    extra = {}
+    if "tasks" in results["candidate"]:
+        extra["tasks"] = tasks.compare({r: res["tasks"] for r, res in results.items()}, reference,
+                                       opts.max_accuracy_drop)
+        if opts.max_accuracy_drop is not None:
+            passed = passed and tasks.passed(extra["tasks"])
+            summary += "; " + tasks.summary(extra["tasks"])
+            rule += (f" And on every task, candidate accuracy >= {reference} accuracy - {opts.max_accuracy_drop:g} "
+                     "(point estimate, same examples).")
+    if "passkey" in results["candidate"]:
+        extra["passkey"] = passkey.table({r: res["passkey"] for r, res in results.items()})
     return {
         "verdict": {
             "pass": passed, "exit_code": 0 if passed else 1, "reference": reference,
-            "tolerance": opts.tolerance, "rule": verdict_rule(reference, opts.tolerance),
-            "summary": ", ".join(f"{t['name']} " + ("diverged" if t["comparison"]["diverged"] else
-                                                      f"ratio {t['comparison']['ratio']:.4f}") for t in texts),
+            "tolerance": opts.tolerance, "rule": rule, "summary": summary,
         },
         "settings": dataclasses.asdict(opts),
         "decode_lengths": list(opts.decode_lengths),
         "texts": texts,
         "models": models,
+        **extra,
     }
 
 
@@ -227,12 +250,20 @@ def run(opts: ValidateOptions) -> Report:
     """Score source, control and candidate on the same tokens; write and print the report."""
     paths = check_args(opts)
     out = report_folder(opts, paths["candidate"])
+    task_set = tasks.load_tasks(opts)  # unknown tasks and unreachable data fail first: the likeliest mistakes
     texts = held_out_texts(opts)
-    token_sets = check_same_tokens(paths, texts, opts)
+    tokenizer = load_tokenizer(paths["source"])
+    token_sets = check_same_tokens(paths, texts, opts, tokenizer)
+    chosen = passkey.settings(opts)
+    prompts = passkey.build_prompts(tokenizer, *chosen, opts.seed) if chosen else None
     torch.manual_seed(opts.seed)
-    results = {role: evaluate_model(role, path, token_sets, opts) for role, path in paths.items()}
+    results = {role: evaluate_model(role, path, token_sets, opts, tokenizer, prompts, task_set)
+               for role, path in paths.items()}
     report = build_report(opts, token_sets, results)
     write_report(report, out)
+    if "passkey" in report:
+        with user_os_errors(out):
+            passkey.plot(report["passkey"], out / "passkey.png", f"passkey retrieval: {out.name}")
     render_console(report)
     console.print(f"report: {out / 'report.md'}")
     return Report(report, out)
