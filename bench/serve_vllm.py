@@ -36,7 +36,7 @@ def prepare(work: Path) -> dict[str, Path]:
         load_tokenizer(None).save_pretrained(folders["source"])
     for layout in LAYOUTS:
         if not (folders[layout] / "config.json").exists():
-            extra = ["--commonkv-budget", "uniform"] if layout == "commonkv" else []
+            extra = ["--commonkv-rank-split", "uniform"] if layout == "commonkv" else []
             code = run.main(["convert", "--source", str(folders["source"]), "--layout", layout,
                              "--out", str(folders[layout]), *extra])
             if code:

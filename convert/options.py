@@ -31,7 +31,7 @@ class ConvertOptions:
     storage_layers: int | None = option(None, "FusedKV layers that store K/V (none: ceil(layers / 2))")
     commonkv_ratio: float = option(0.5, "CommonKV cached bytes / the source's, in (0, 1]")
     commonkv_group_size: int | None = option(None, "CommonKV adjacent layers per shared latent (none: floor(1 / ratio))")
-    commonkv_budget: str = option("adaptive", "CommonKV ranks: from hidden-state similarity on calibration text, "
+    commonkv_rank_split: str = option("adaptive", "CommonKV ranks: from hidden-state similarity on calibration text, "
                                   "or equal per layer", choices=("adaptive", "uniform"))
     calib_text: str | None = option(None, "calibration text (none: the shipped WikiText-2 validation split)")
     calib_tokens: int = option(16384, "calibration tokens")

@@ -153,7 +153,7 @@ def fit(plan: Plan, source: TensorSource, ids: torch.Tensor, out: Path, opts: Co
     return plan, report
 
 
-def commonkv_budget(plan: Plan, source: TensorSource, ids: torch.Tensor) -> tuple[Plan, list[dict]]:
+def adaptive_ranks_of(plan: Plan, source: TensorSource, ids: torch.Tensor) -> tuple[Plan, list[dict]]:
     """CommonKV ranks per group from the source's hidden-state similarity on the calibration tokens ids."""
     from .commonkv import adaptive_ranks, budget_table, group_similarity
 
@@ -222,11 +222,11 @@ def run(opts: ConvertOptions) -> Conversion:
     inputs = [source_path] + ([Path(opts.calib_text)] if opts.calib_text else [])
     claim_target(out, opts.force, MARKERS, inputs)  # before the fits: a refusal should not wait for them
     fit_report = []
-    budget = opts.layout == "commonkv" and opts.commonkv_budget == "adaptive"
-    if budget or opts.init != "copy":  # both read the calibration tokens: tokenized once (seconds for a GGUF)
+    adaptive = opts.layout == "commonkv" and opts.commonkv_rank_split == "adaptive"
+    if adaptive or opts.init != "copy":  # both read the calibration tokens: tokenized once (seconds for a GGUF)
         ids = calibration_ids(source_path, opts).to(fit_device(opts))
-        if budget:  # first: the ranks set the factors' shapes
-            plan, fit_report = commonkv_budget(plan, source, ids)
+        if adaptive:  # first: the ranks set the factors' shapes
+            plan, fit_report = adaptive_ranks_of(plan, source, ids)
         if opts.init != "copy":
             plan, layer_fits = fit(plan, source, ids, out, opts)
             fit_report = fit_report + layer_fits

@@ -141,7 +141,7 @@ def test_convert_cli_end_to_end(make_source, cli, tmp_path):
 def test_convert_cli_ratio_one_is_exact(make_source, cli, tmp_path, family):
     src = make_source(family=family, kv_heads=2)
     out = tmp_path / "full"
-    assert cli("convert", "--source", src, "--layout", "commonkv", "--commonkv-ratio", "1", "--commonkv-budget", "uniform",
+    assert cli("convert", "--source", src, "--layout", "commonkv", "--commonkv-ratio", "1", "--commonkv-rank-split", "uniform",
                "--out", out) == 0
     ids = torch.randint(0, 49152, (2, 16))
     with torch.no_grad():

@@ -27,7 +27,7 @@ def safetensors_shapes(folder) -> dict:
 def test_layout_lists_the_converted_tensors_and_the_cache_it_measures(make_source, cli, tmp_path, layout, family, tied):
     src = make_source(family=family, tied=tied, layers=5)
     out = tmp_path / "out"
-    assert cli("convert", "--source", src, "--layout", layout, "--commonkv-budget", "uniform", "--out", out) == 0
+    assert cli("convert", "--source", src, "--layout", layout, "--commonkv-rank-split", "uniform", "--out", out) == 0
     model = load_causal_lm(out)
     cfg = model.config
     expected = target_shapes(cfg)
