@@ -50,8 +50,9 @@ def test_step0_perplexity_reconstruct_beats_calibrated(step0_ppl, tmp_path, held
 
 
 def test_the_embedded_gguf_loads_through_its_dequantized_cache(tmp_path, monkeypatch):
-    """A small GGUF is dequantized once into the user cache, and every later load reads that folder:
-    the same weights as the GGUF's own dequantization, the same tokenizer."""
+    """A small GGUF is dequantized once into the user cache (the first load anywhere in the suite
+    made it), and every later load reads that folder: the same weights as the GGUF's own
+    dequantization, the same tokenizer."""
     import numpy as np
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -60,9 +61,8 @@ def test_the_embedded_gguf_loads_through_its_dequantized_cache(tmp_path, monkeyp
     from common import sources
 
     gguf = sources.default_model_path()
-    monkeypatch.setenv("KVSHARE_CACHE", str(tmp_path / "cache"))
     folder = sources.dequantized(gguf)
-    assert folder.parent == tmp_path / "cache" / "gguf" and (folder / "config.json").is_file()
+    assert folder.parent == sources.cache_root() / "gguf" and (folder / "config.json").is_file()
     embedding = next(t for t in GGUFReader(gguf).tensors if t.name == "token_embd.weight")
     with safe_open(folder / "model.safetensors", "np") as saved:
         cached = saved.get_tensor("model.embed_tokens.weight")
