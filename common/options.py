@@ -207,7 +207,8 @@ def add_option_arguments(parser: argparse.ArgumentParser, cls, flags: Sequence[s
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any option listed below")
     for name in flags:
         f = fields[name]
-        help_text = f"{f.metadata['help']} (default {shown(default_of(f))})".replace("%", "%%")
+        default = default_of(f)  # a None default is described by the help text itself ("none: ...")
+        help_text = (f.metadata["help"] + ("" if default is None else f" (default {shown(default)})")).replace("%", "%%")
         kind = typing.get_type_hints(cls)[name]
         if kind is bool:
             parser.add_argument(flag_name(name), dest=name, action="store_true", default=None, help=help_text)
