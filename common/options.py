@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import shlex
 import types
@@ -107,9 +108,20 @@ def default_of(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
+@functools.cache
+def hints(cls) -> dict:
+    """The declared type of each field of cls (annotations are strings under `from __future__ import annotations`)."""
+    return typing.get_type_hints(cls)
+
+
+def repeatable(kind) -> bool:
+    """A list of texts: a flag given once per item (a path may hold a comma, so it is never split)."""
+    return tuple[str, ...] in (kind, *typing.get_args(kind))
+
+
 def convert_value(cls, name: str, value):
     """value as the type field `name` of cls declares; None stays None where the field allows it."""
-    hint = typing.get_type_hints(cls)[name]
+    hint = hints(cls)[name]
     args = typing.get_args(hint)
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
     if value is None:
@@ -164,13 +176,14 @@ def parse_override(text: str) -> tuple[str, object]:
 def load_options(cls: type[T], config: str | Path | None = None, overrides: Sequence[str] = (),
                  flags: dict | None = None) -> T:
     """cls from its defaults < a YAML file < `--set key=value` < flags given (None = not given)."""
-    raw = read_config(config)
+    from_file = read_config(config)
+    raw = dict(from_file)
     raw.update(dict(parse_override(o) for o in overrides))
     raw.update({k: v for k, v in (flags or {}).items() if v is not None})
     known = fields_of(cls)
     unknown = sorted(set(raw) - set(known))
     if unknown:
-        where = f" in {config}" if config and unknown[0] in read_config(config) else ""
+        where = f" in {config}" if unknown[0] in from_file else ""
         raise UserError(f"unknown option {unknown[0]!r}{where}; known: {', '.join(known)}")
     return checked(cls(**typed(cls, raw)))
 
@@ -181,11 +194,6 @@ def checked(options: T) -> T:
     if check is not None:
         check()
     return options
-
-
-def replace(options: T, **changes) -> T:
-    """options with some values changed, typed and checked like any other source of values."""
-    return checked(dataclasses.replace(options, **typed(type(options), changes)))
 
 
 def flag_name(name: str) -> str:
@@ -209,10 +217,10 @@ def add_option_arguments(parser: argparse.ArgumentParser, cls, flags: Sequence[s
         f = fields[name]
         default = default_of(f)  # a None default is described by the help text itself ("none: ...")
         help_text = (f.metadata["help"] + ("" if default is None else f" (default {shown(default)})")).replace("%", "%%")
-        kind = typing.get_type_hints(cls)[name]
+        kind = hints(cls)[name]
         if kind is bool:
             parser.add_argument(flag_name(name), dest=name, action="store_true", default=None, help=help_text)
-        elif tuple[str, ...] in (kind, *typing.get_args(kind)):
+        elif repeatable(kind):
             parser.add_argument(flag_name(name), dest=name, action="append", default=None,
                                 help=f"{help_text}; repeatable")
         else:
@@ -246,6 +254,8 @@ def command_line(stage: str, options, flags: Sequence[str], config: str | Path |
             parts += ["--set", f"{name}={text}"]
         elif value is True:
             parts.append(flag_name(name))
+        elif repeatable(hints(cls)[name]):
+            parts += [arg for item in value for arg in (flag_name(name), item)]
         else:
             parts += [flag_name(name), shown(value)]
     return shlex.join(parts)

@@ -261,3 +261,16 @@ def test_bad_inputs_exit_2(make_source, cli, tmp_path, capsys):
     assert "not a checkpoint folder" in err and "holds no text" in err and "decode_lengths must be an integer" in err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_the_printed_command_line_reproduces_the_options():
+    """What the demo prints for a stage parses back to the same options (a path holding a comma included)."""
+    import shlex
+
+    import run
+    from common.options import command_line, options_from_args
+    from validate.options import FLAGS
+
+    options = ValidateOptions(candidate="c", data=("a,b.txt", "x.jsonl"), decode_lengths=(8, 16), tolerance=0.05)
+    argv = shlex.split(command_line("validate", options, FLAGS))[2:]  # after `python run.py`
+    assert options_from_args(ValidateOptions, run.build_parser("validate").parse_args(argv), FLAGS) == options
