@@ -68,9 +68,9 @@ def count_params(path: Path) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from common.sources import model_location
+    from common.sources import readable_location
 
-    root, extra = model_location(path)
+    root, extra = readable_location(path)  # a GGUF through its dequantized folder, as every load reads it
     config = AutoConfig.from_pretrained(root, trust_remote_code=True, **extra)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
