@@ -6,6 +6,7 @@ evaluating every `--eval-every` steps on the same held-out sequences. Writes
 bench/results/quality_per_compute.json and .png.
 
     python bench/quality_per_compute.py --steps 30 --arms control,fusedkv-copy,fusedkv-reconstruct
+    python bench/quality_per_compute.py --steps 40 --arms fusedkv-copy-blend20,fusedkv-copy-cosine30
 """
 from __future__ import annotations
 
@@ -27,14 +28,33 @@ from uptrain.stage import control_folder  # noqa: E402
 RECIPE = ROOT / "configs" / "uptrain-demo-cpu.yaml"
 
 
+def arm_settings(arm: str) -> tuple[str, dict]:
+    """'control', or '<layout>-<init>' (a checkpoint bench/init_quality.py made) with options after
+    it: '-kd' (loss kd), '-blendN' or '-cosineN' (blend_steps N, linear or cosine), e.g.
+    'fusedkv-copy-blend20' -> ('fusedkv-copy', {'blend_steps': 20, 'blend_schedule': 'linear'})."""
+    if arm == "control":
+        return arm, {"control_arm": True}
+    layout, init, *options = arm.split("-")
+    settings = {}
+    for option in options:
+        schedule = option.rstrip("0123456789")
+        if option == "kd":
+            settings["loss"] = "kd"
+        elif schedule in ("blend", "cosine") and option[len(schedule):]:
+            settings.update(blend_steps=int(option[len(schedule):]),
+                            blend_schedule="linear" if schedule == "blend" else "cosine")
+        else:
+            raise SystemExit(f"arm {arm}: unknown option {option!r} (kd, blendN, cosineN)")
+    return f"{layout}-{init}", settings
+
+
 def run_arm(arm: str, workdir: Path, steps: int, eval_every: int) -> list[dict]:
-    """arm: 'control', '<layout>-<init>' or '<layout>-<init>-kd'."""
-    control = arm == "control"
-    name, loss = (arm[:-3], "kd") if arm.endswith("-kd") else (arm, "lm")
+    """One arm (arm_settings) uptrained with the demo recipe for steps."""
+    name, settings = arm_settings(arm)
+    control = name == "control"
     recipe = load_recipe(RECIPE, flags={
         "out": str(workdir / "runs" / ("source" if control else arm)), "budget": {"steps": steps},
-        "eval_every": eval_every, "save_every": steps, "loss": loss, "control_arm": control,
-        "model": None if control else str(workdir / name)})
+        "eval_every": eval_every, "save_every": steps, "model": None if control else str(workdir / name), **settings})
     shutil.rmtree(control_folder(Path(recipe.out)) if control else recipe.out, ignore_errors=True)
     return read_records(uptrain.run(recipe).metrics)
 

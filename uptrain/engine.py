@@ -63,7 +63,8 @@ def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
     pulls them towards 0 with nothing in the loss asking for it. At the papers' budget the pull is
     large: weight decay 0.1 over a cosine schedule at lr 1.5e-4 and 200k steps multiplies a weight the
     loss does not defend by exp(-0.1 x 1.5e-4 x 0.55 x 2e5) = 0.19."""
-    warm_first = {name for name, _ in model.named_parameters() if warmed_up_first(name, model.config)}
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # not blend's source K/V
+    warm_first = {name for name, _ in trained if warmed_up_first(name, model.config)}
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
 
     def cosine(step: int) -> float:
@@ -80,8 +81,7 @@ def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
         # with nothing new (the control arm) there is nothing to warm up alone
         schedule = cosine if first or not warm_first else frozen_during_warmup
         for decayed in (True, False):
-            params = [p for name, p in model.named_parameters()
-                      if (name in warm_first) == first and (id(p) in matrices) == decayed]
+            params = [p for name, p in trained if (name in warm_first) == first and (id(p) in matrices) == decayed]
             if params:
                 groups.append({"params": params, "weight_decay": recipe.weight_decay if decayed else 0.0})
                 lambdas.append(schedule)

@@ -46,6 +46,10 @@ class Recipe:
     kd_temperature: float = option(2.0, "distillation temperature")
     kd_weight: float = option(0.5, "weight of kd in lm+kd")
     warmup_new_params_steps: int = option(0, "steps that train only the layout's new parameters first")
+    blend_steps: int = option(0, "progressive conversion: converted layers move from their source K/V to the "
+                                 "layout's over the first N steps (0 = off; uptrain/blend.py)")
+    blend_schedule: str = option("linear", "how the layout's share t of the blended K/V rises to 1",
+                                 choices=("linear", "cosine"))
     control_arm: bool = option(False, "train the unconverted source with this recipe: the matched control")
     seed: int = option(0, "seed of the data order and the initialization")
     max_skipped_steps: int = option(3, "optimizer steps skipped for overflow in a row before the run stops")
@@ -70,8 +74,9 @@ class Recipe:
                 raise UserError(f"budget {key} must be a positive number, got {self.budget[key]!r}")
         if not 0 < self.eval_fraction < 1:
             raise UserError("eval_fraction must be between 0 and 1")
-        if self.max_skipped_steps < 0:
-            raise UserError(f"recipe key max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        for name in ("max_skipped_steps", "blend_steps", "warmup_new_params_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"recipe key {name} must be >= 0, got {getattr(self, name)}")
 
 
 # Keys a resume may change: none of them decides the data order, the model or the optimizer.

@@ -92,7 +92,7 @@ def model_paths(recipe: Recipe) -> tuple[Path, Path | None]:
     if recipe.control_arm or recipe.model is None:
         source = source_of(recipe)
         return source, source
-    uses_source = recipe.loss != "lm" or "fraction_of_pretraining" in recipe.budget or recipe.source
+    uses_source = recipe.loss != "lm" or "fraction_of_pretraining" in recipe.budget or recipe.source or recipe.blend_steps
     return resolve_model_path(recipe.model), source_of(recipe) if uses_source else None
 
 
@@ -111,6 +111,7 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
     model_path, source_path = model_paths(recipe)
     run_dir = run_folder_of(recipe, model_path)
 
+    from .blend import BlendSchedule, attach as attach_blend
     from .engine import init_distributed
     from .train import train
 
@@ -129,10 +130,16 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
         if context is not None and recipe.seq_len > context:
             raise UserError(f"seq_len {recipe.seq_len} exceeds the model's context ({context})")
         budget = plan_budget(recipe, model_path, source_path, world_size)
+        if recipe.blend_steps > budget.steps:
+            raise UserError(f"blend_steps {recipe.blend_steps} is more than the run's {budget.steps} steps: "
+                            "the export would not be the layout yet")
         tokenizer = load_tokenizer(model_path)
         data = prepare_data(recipe, tokenizer, budget.tokens)
         model = load_causal_lm(model_path).train()
         teacher = load_causal_lm(source_path).eval() if recipe.loss != "lm" else None
+        blend = BlendSchedule(recipe.blend_steps, recipe.blend_schedule) if recipe.blend_steps else None
+        if blend is not None and not attach_blend(model, source_path, blend):
+            blend = None  # nothing converted (the control arm): the recipe's blend does not apply
         if rank == 0:
             if not resuming or not (run_dir / "recipe.yaml").is_file():
                 run_folder.start(run_dir, recipe, world_size)
@@ -146,7 +153,7 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
 
         export_dtype = DTYPES[recipe.export_dtype] if recipe.export_dtype != "auto" else checkpoint_dtype(model_path)
         final = train(model, tokenizer, teacher, data, recipe, budget.steps, run_dir, rank, world_size,
-                      resume, resume_from, export_dtype)
+                      resume, resume_from, export_dtype, blend)
     if rank == 0:
         console.print(f"[green]exported[/] {final}  (metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'metrics.png'})")
     return Run(run_dir, final, budget.steps, budget.tokens)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from common.console import console, progress
 from common.errors import UserError
 
-from . import checkpoint
+from . import blend as blending, checkpoint
+from .blend import BlendSchedule
 from .data import TrainData
 from .engine import ds_config, optimizer_and_schedule, use_bf16
 from .metrics import MetricsLog, plot
@@ -75,7 +76,8 @@ def unclipped_grad_norm(engine) -> float:
 
 
 def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_steps: int, run_dir: Path,
-          rank: int, world_size: int, resume: bool, resume_from: str | None, export_dtype: torch.dtype) -> Path:
+          rank: int, world_size: int, resume: bool, resume_from: str | None, export_dtype: torch.dtype,
+          blend: BlendSchedule | None = None) -> Path:
     import deepspeed
 
     if recipe.activation_checkpointing:
@@ -109,7 +111,12 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
         return Diverged(f"step {step}: {what}; the run stopped without exporting ({kept}). "
                         f"Lower lr (now {recipe.lr:g}) and start a new run")
 
-    if start == 0:  # the step-0 point: what the conversion alone gives
+    def at_step(step: int) -> None:  # the blend's t follows the step the weights are at
+        if blend is not None:
+            blend.step = step
+
+    if start == 0:  # the step-0 point: what the conversion alone gives (with a blend: the source)
+        at_step(0)
         initial = eval_ppl(engine, data.eval_sequences, recipe.micro_batch, zero3)
         if log:
             log.write({"step": 0, "tokens": 0, "eval_ppl": initial})
@@ -118,6 +125,7 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
         task = bar.add_task("uptrain", total=total_steps, completed=start)
         for step in range(start, total_steps):
             tic, losses, skipped_before, norm = time.perf_counter(), [], engine.skipped_steps, None
+            at_step(step)
             for micro in range(recipe.grad_accum):
                 batch = data.batch(sampler.micro_batch_at(step, micro, rank)).to(engine.device)
                 loss = batch_loss(engine, batch, recipe, teacher)
@@ -147,7 +155,10 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
             if skipped_in_a_row > recipe.max_skipped_steps:
                 raise stop(done, f"the optimizer skipped {skipped_in_a_row} steps in a row for gradient overflow "
                                  f"(max_skipped_steps {recipe.max_skipped_steps})")
+            if blend is not None and step < blend.steps:
+                record["blend_t"] = round(blend.t, 4)
             if done % recipe.eval_every == 0 or done == total_steps:
+                at_step(done)
                 record["eval_ppl"] = eval_ppl(engine, data.eval_sequences, recipe.micro_batch, zero3)
             if log and (done % recipe.log_every == 0 or "eval_ppl" in record or skipped):
                 log.write(record)
@@ -163,6 +174,7 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
                 last_saved = f"step{done}"
 
     final = run_dir / "final"
+    blending.detach(engine.module)  # t is 1 by now: the source K/V were not used since blend.steps
     tic = time.perf_counter()
     checkpoint.export(engine, engine.module, tokenizer, final, zero3, export_dtype, recipe.export_max_shard_size)
     if log:

@@ -1,0 +1,74 @@
+"""Progressive conversion (blend_steps): the source at t = 0, the layout at t = 1, nothing of the
+blend in the export."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from common.sources import load_causal_lm
+from uptrain import blend
+from uptrain.engine import optimizer_and_schedule
+from uptrain.recipe import load_recipe
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("layout", ["fusedkv", "fusedkv_lite", "skipv1", "commonkv"])
+def test_blend_starts_at_the_source_and_ends_at_the_layout(layout, make_source, cli, tmp_path):
+    source = make_source(kv_heads=2)
+    out = tmp_path / layout
+    assert cli("convert", "--source", source, "--layout", layout, "--out", out) == 0
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    source_logits = logits(load_causal_lm(source), ids)
+    model = load_causal_lm(out)
+    layout_logits = logits(model, ids)
+    assert not torch.allclose(layout_logits, source_logits, atol=1e-3)  # the conversion changed the model
+
+    schedule = blend.BlendSchedule(steps=4)
+    assert blend.attach(model, source, schedule) == len(blend.converted_layers(model)) > 0
+    torch.testing.assert_close(logits(model, ids), source_logits, atol=2e-5, rtol=1e-5)
+    schedule.step = 2
+    halfway = logits(model, ids)
+    assert not torch.allclose(halfway, source_logits, atol=1e-3) and not torch.allclose(halfway, layout_logits, atol=1e-3)
+    schedule.step = 4
+    torch.testing.assert_close(logits(model, ids), layout_logits)
+
+    blend.detach(model)
+    assert not any("source_kv" in name for name, _ in model.named_parameters())
+    torch.testing.assert_close(logits(model, ids), layout_logits)
+
+
+def test_schedules_rise_from_zero_to_one():
+    linear, cosine = blend.BlendSchedule(10), blend.BlendSchedule(10, "cosine")
+    ts = []
+    for step in (0, 5, 10, 12):
+        linear.step = cosine.step = step
+        ts.append((linear.t, cosine.t))
+    assert ts == [(0.0, 0.0), (0.5, pytest.approx(0.5)), (1.0, 1.0), (1.0, 1.0)]
+
+
+def test_source_projections_are_frozen_and_not_optimized(converted, make_source):
+    model = load_causal_lm(converted).train()
+    blend.attach(model, make_source(), blend.BlendSchedule(2))
+    frozen = {id(p) for name, p in model.named_parameters() if "source_kv" in name}
+    assert frozen and all(not p.requires_grad for name, p in model.named_parameters() if "source_kv" in name)
+    optimizer, _ = optimizer_and_schedule(model, load_recipe(None), total_steps=4)
+    assert not frozen & {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_uptrain_with_a_blend_exports_only_the_layout(recipe, cli, converted, tmp_path):
+    assert cli("uptrain", "--config", recipe(blend_steps=3)) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("blend_t") for r in records if "loss" in r] == [0.0, pytest.approx(1 / 3, abs=1e-4), pytest.approx(2 / 3, abs=1e-4), None, None, None]
+    with safe_open(tmp_path / "run" / "final" / "model.safetensors", "pt") as exported, \
+            safe_open(converted / "model.safetensors", "pt") as conversion:
+        assert set(exported.keys()) == set(conversion.keys())
+
+
+def test_a_blend_longer_than_the_run_is_refused(recipe, cli, capsys):
+    assert cli("uptrain", "--config", recipe(blend_steps=7)) == 2
+    assert "blend_steps 7 is more than the run's 6 steps" in capsys.readouterr().err

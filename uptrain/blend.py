@@ -1,0 +1,122 @@
+"""Progressive conversion (recipe key ``blend_steps``): converted layers start on their source K/V
+and move to the layout's over the first blend_steps steps.
+
+A conversion changes where the top layers' keys and values come from all at once, and the model
+drops to the step-0 collapse before training can adapt it. With a blend, each converted layer
+attends during the first N steps with
+
+    K = (1 - t) K_source + t K_layout,    V = (1 - t) V_source + t V_layout,
+
+where K_source, V_source are what the source layer computed (its own k_proj, v_proj and k_norm,
+read from the source checkpoint, frozen) and t rises from 0 at step 0 to 1 at step N. With the copy
+init (q_proj and o_proj as the source's) the model at t = 0 is the source itself. From step N on
+the model is exactly the layout; the source projections are then unused and never exported
+(``detach`` takes them off before the export).
+
+The projections hang under each converted attention module as ``source_kv`` (a module, so ZeRO-3
+gathers them as it gathers any other, and DeepSpeed's checkpoints hold them for a resume).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+from models.layout_tensors import attn_key
+from models.modeling_sharedkv import SharedKVAttention, head_norm, rope
+
+SCHEDULES = ("linear", "cosine")
+
+
+@dataclass
+class BlendSchedule:
+    """t, the share of the layout's K/V, as a function of the step the model is at."""
+
+    steps: int
+    shape: str = "linear"
+    step: int = 0  # the trainer sets it before each step and each eval
+
+    @property
+    def t(self) -> float:
+        x = min(1.0, self.step / self.steps)
+        return x if self.shape == "linear" else 0.5 - 0.5 * math.cos(math.pi * x)
+
+
+class SourceKV(nn.Module):
+    """A converted layer's K/V as its source layer made them: post-RoPE keys and values."""
+
+    def __init__(self, attn: SharedKVAttention):
+        super().__init__()
+        config, width = attn.config, attn.num_kv_heads * attn.head_dim
+        self.head_dim = attn.head_dim
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, width, bias=config.qkv_bias)
+        self.k_norm = head_norm(config)
+        self.requires_grad_(False)
+
+    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        keys = rope(self.k_norm(self.heads(self.k_proj(hidden_states))), cos, sin)
+        return keys, self.heads(self.v_proj(hidden_states))
+
+    def heads(self, states: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, kv_heads * head_dim) -> (batch, kv_heads, seq, head_dim)."""
+        return states.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+
+def converted_layers(model) -> list[SharedKVAttention]:
+    """The attention modules whose K/V the conversion changed (not the layout's storage layers)."""
+    config = model.config
+    if not hasattr(config, "layer_role"):  # a source model (the control arm): nothing converted
+        return []
+    return [layer.self_attn for i, layer in enumerate(model.model.layers) if config.layer_role(i) != "store"]
+
+
+def attach(model, source: Path, schedule: BlendSchedule) -> int:
+    """Give each converted layer its source K/V projections and blend by ``schedule``; returns how
+    many layers blend (0 for a model without a layout)."""
+    from convert.source import open_source
+    from common.sources import readable_location
+
+    layers = converted_layers(model)
+    if not layers:
+        return 0
+    root, extra = readable_location(source)  # a GGUF through its dequantized folder
+    tensors = open_source(source if extra else Path(root))
+    for attn in layers:
+        source_kv = SourceKV(attn)
+        for name, param in source_kv.named_parameters():
+            key = attn_key(attn.layer_idx, name)
+            if key not in tensors.shapes:
+                raise UserError(f"blend_steps needs the source's {key}, and {source} has none: "
+                                "set source to this checkpoint's source")
+            param.data.copy_(tensors.get(key).view(param.shape))
+        attn.source_kv = source_kv.to(next(attn.parameters()).dtype)
+        attn.keys_values = blended(attn, schedule)
+    return len(layers)
+
+
+def blended(attn: SharedKVAttention, schedule: BlendSchedule):
+    """attn's keys_values, mixed with its source K/V while t < 1."""
+    layout_keys_values = type(attn).keys_values.__get__(attn)
+
+    def keys_values(hidden_states, cos, sin, past_key_values, shared_kv):
+        keys, values = layout_keys_values(hidden_states, cos, sin, past_key_values, shared_kv)
+        t = schedule.t
+        if t >= 1.0:
+            return keys, values
+        source_keys, source_values = attn.source_kv(hidden_states, cos, sin)
+        return torch.lerp(source_keys, keys, t), torch.lerp(source_values, values, t)
+
+    return keys_values
+
+
+def detach(model) -> None:
+    """Back to the plain layout: the source projections and the blend taken off every layer."""
+    for attn in converted_layers(model):
+        if "source_kv" in attn._modules:
+            del attn.source_kv
+            del attn.keys_values
