@@ -4,6 +4,7 @@
     python run.py convert   --layout fusedkv --source PATH --out DIR
     python run.py uptrain   --config configs/<recipe>.yaml
     python run.py validate  --source PATH --candidate DIR
+    python run.py generate  --out FILE.jsonl   (the source's own text, for loss: kd without a dataset)
     python run.py demo      (the whole pipeline on the embedded SmolLM2-135M)
 
 User mistakes print one line and exit 2; every subcommand returns its own exit code.
@@ -22,6 +23,7 @@ SUBCOMMANDS = {
     "convert": ("convert.cli", "map a checkpoint to a shared-KV layout"),
     "uptrain": ("uptrain.cli", "recover quality with a DeepSpeed ZeRO job"),
     "validate": ("validate.cli", "perplexity and KV-cache bytes, candidate vs source"),
+    "generate": ("uptrain.generate_cli", "text the source writes itself: data for data-free distillation"),
     "demo": ("demo", "convert, uptrain briefly and validate the embedded SmolLM2-135M"),
 }
 
