@@ -16,7 +16,6 @@ from common.sources import load_causal_lm, load_tokenizer
 from uptrain.data import prepare_data
 from uptrain.engine import optimizer_and_schedule
 from uptrain.recipe import load_recipe
-from uptrain.train import distill_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,9 +137,6 @@ def test_kd_loss_trains_towards_the_teacher(recipe, cli, tmp_path):
     assert cli("uptrain", "--config", recipe(loss="kd", budget={"steps": 8}, lr=1e-3, eval_every=8)) == 0
     curve = losses(tmp_path / "run")
     assert curve[-1] < curve[0]
-    logits = torch.randn(2, 5, 11)
-    assert distill_loss(logits, logits, 2.0).abs().item() < 1e-6
-    assert distill_loss(logits, torch.randn(2, 5, 11), 2.0).item() > 0
 
 
 def test_warmup_trains_only_new_parameters_first(converted):

@@ -1,9 +1,12 @@
-"""DeepSpeed set-up: distributed init (gloo on CPU, nccl on GPU), the ZeRO config, the optimizer."""
+"""DeepSpeed set-up: distributed init (gloo on CPU, nccl on GPU), the ZeRO config, the optimizer, and
+how the process hands freed memory back."""
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
+import platform
 import socket
 from pathlib import Path
 
@@ -14,6 +17,22 @@ from models.layout_tensors import adapts
 from .recipe import Recipe
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "configs" / "deepspeed_zero.json"
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial threshold
+
+
+def return_freed_memory() -> None:
+    """Have glibc give a freed CPU tensor's memory back to the system at once (other C libraries: no-op).
+
+    PyTorch takes CPU tensors from malloc. glibc serves a block of 128 KiB or more with a mapping of
+    its own, unmapped when freed, but each time one is freed it raises that threshold to the freed
+    block's size (up to 32 MiB): after the first step nearly every weight-sized gradient and
+    activation comes from the heap, where freed memory stays with the process, fragmented. On the
+    demo's uptraining of FusedKV SmolLM2-135M (fp32, CPU) the process then held 1.1 GB more than its
+    live tensors after every step, and peaked at 3.47 GB; with the threshold held at 128 KiB it
+    holds its live tensors (2.03 GB) and peaks at 2.76 GB, for a page fault on each new tensor's pages."""
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -85,5 +104,7 @@ def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
             if params:
                 groups.append({"params": params, "weight_decay": recipe.weight_decay if decayed else 0.0})
                 lambdas.append(schedule)
-    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas))
+    # fused: one kernel, no temporaries; the default (a loop over tensors on a CPU) makes two of each
+    # tensor's size (the tied embedding's: 0.23 GB at SmolLM2-135M), foreach (on GPUs) of all of them
+    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas), fused=True)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

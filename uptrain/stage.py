@@ -112,9 +112,10 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
     run_dir = run_folder_of(recipe, model_path)
 
     from .blend import BlendSchedule, attach as attach_blend
-    from .engine import init_distributed
+    from .engine import init_distributed, return_freed_memory
     from .train import train
 
+    return_freed_memory()  # before the token store and the models: what they free goes back too
     rank, world_size = init_distributed()
     if recipe.global_batch and recipe.global_batch != recipe.micro_batch * recipe.grad_accum * world_size:
         raise UserError(f"global_batch {recipe.global_batch} != micro_batch {recipe.micro_batch} x grad_accum "

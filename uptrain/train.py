@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common.console import console, progress
 from common.errors import UserError
@@ -16,28 +15,25 @@ from . import blend as blending, checkpoint
 from .blend import BlendSchedule
 from .data import TrainData
 from .engine import ds_config, optimizer_and_schedule, use_bf16
+from .loss import chunked_losses, final_hidden_states
 from .metrics import MetricsLog, plot
 from .recipe import Recipe
 
 MAX_LOG_PPL = 700.0  # math.exp overflows a float just above 709
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened distributions, scaled by T^2 (Hinton et al.)."""
-    t = temperature
-    student = F.log_softmax(student_logits.float() / t, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t / student_logits.shape[1]
-
-
 def batch_loss(engine, batch: torch.Tensor, recipe: Recipe, teacher) -> torch.Tensor:
-    out = engine(batch, labels=batch, use_cache=False)
+    """The recipe's loss, the output layer and loss a chunk of tokens at a time (uptrain/loss.py)."""
+    hidden = final_hidden_states(engine, batch)
+    teacher_hidden = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_hidden = final_hidden_states(teacher, batch)
+    lm, kd = chunked_losses(hidden, engine.module.get_output_embeddings(), batch, teacher_hidden,
+                            teacher.get_output_embeddings() if teacher is not None else None, recipe.kd_temperature)
     if recipe.loss == "lm":
-        return out.loss
-    with torch.no_grad():
-        teacher_logits = teacher(batch, use_cache=False).logits
-    kd = distill_loss(out.logits, teacher_logits, recipe.kd_temperature)
-    return kd if recipe.loss == "kd" else (1 - recipe.kd_weight) * out.loss + recipe.kd_weight * kd
+        return lm
+    return kd if recipe.loss == "kd" else (1 - recipe.kd_weight) * lm + recipe.kd_weight * kd
 
 
 class Diverged(UserError):
@@ -51,7 +47,7 @@ def eval_ppl(engine, sequences: torch.Tensor, micro_batch: int, zero3: bool) -> 
     total, count = 0.0, 0
     for start in range(0, len(sequences), micro_batch):
         batch = sequences[start : start + micro_batch].to(engine.device)
-        loss = engine(batch, labels=batch, use_cache=False).loss
+        loss, _ = chunked_losses(final_hidden_states(engine, batch), engine.module.get_output_embeddings(), batch)
         n = batch.numel() - batch.shape[0]
         total, count = total + loss.float().item() * n, count + n
     if zero3:

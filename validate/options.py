@@ -41,6 +41,15 @@ class ValidateOptions:
     passkey_depths: str | None = option(None, "passkey key depths, fractions of the filler before the key, "
                                               "comma-separated (none: 0.1,0.5,0.9)")
     passkey_trials: int | None = option(None, "passkey keys per length and depth (none: 3)")
+    behaviour: bool = option(False, "also run the behaviour check: the source answers short prompts greedily and "
+                                    "every other model is scored on its answers (greedy next-token agreement, "
+                                    "KL(source||model)); implied by the behaviour_* options and min_agreement")
+    behaviour_prompts: str | None = option(None, "behaviour prompts: a .txt file, one per line, or a .jsonl file "
+                                                 "of {\"prompt\": ...} (none: the 120 shipped in data/behaviour)")
+    behaviour_tokens: int | None = option(None, "greedy source tokens scored per behaviour prompt (none: 32)")
+    min_agreement: float | None = option(None, "also FAIL when the candidate's greedy next-token agreement with "
+                                               "the source on the behaviour prompts is below this fraction, e.g. 0.9 "
+                                               "(none: reported, not judged)")
 
     def check(self) -> None:
         if not self.candidate:

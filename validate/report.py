@@ -11,11 +11,11 @@ from rich.table import Table
 from common.console import console
 from common.outputs import made_folder, user_os_errors
 
-from . import passkey, tasks
+from . import behaviour, passkey, tasks
 
 
 def model_rows(report: dict) -> list[tuple[str, list[str]]]:
-    """(label, one cell per model) rows: perplexities, KV bytes, parameters, decode speed."""
+    """(label, one cell per model) rows: perplexities, behaviour scores, KV bytes, parameters, decode speed."""
     models = report["models"]
     roles = list(models)
 
@@ -24,6 +24,7 @@ def model_rows(report: dict) -> list[tuple[str, list[str]]]:
 
     rows = [row(f"ppl {t['name']} ({t['tokens']:,} tok)", lambda r, t=t: f"{t['perplexity'][r]:.3f}")
             for t in report["texts"]]
+    rows += behaviour.rows(report)
     rows += [
         row("KV bytes/token, measured", lambda r: f"{models[r]['kv_bytes_per_token_measured']:,.0f}"),
         row("KV bytes/token, arithmetic", lambda r: f"{models[r]['kv_bytes_per_token_arithmetic']:,.0f}"),
@@ -69,7 +70,8 @@ def render_console(report: dict) -> None:
     for label, cells in model_rows(report):
         table.add_row(label, *cells)
     console.print(table)
-    for line in comparison_lines(report) + tasks.markdown_lines(report) + passkey.markdown_lines(report):
+    for line in (comparison_lines(report) + behaviour.markdown_lines(report) + tasks.markdown_lines(report)
+                 + passkey.markdown_lines(report)):
         console.print(line, highlight=False)
     colour = "green" if report["verdict"]["pass"] else "red"
     console.print(f"[bold {colour}]{_verdict_word(report)}[/] (exit {report['verdict']['exit_code']}): "
@@ -88,7 +90,8 @@ def render_markdown(report: dict) -> str:
              "| | " + " | ".join(roles) + " |", "|---|" + "---:|" * len(roles)]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in model_rows(report)]
     lines += ["", *[f"- {line}" for line in comparison_lines(report)], ""]
-    lines += tasks.markdown_lines(report) + passkey.markdown_lines(report) + ["Models:", ""]
+    lines += behaviour.markdown_lines(report) + tasks.markdown_lines(report) + passkey.markdown_lines(report)
+    lines += ["Models:", ""]
     lines += [f"- {role}: `{report['models'][role]['path']}`" for role in roles]
     return "\n".join(lines) + "\n"
 

@@ -34,7 +34,7 @@ from common.sources import (
     resolve_model_path,
 )
 
-from . import passkey, tasks
+from . import behaviour, passkey, tasks
 from .bootstrap import ratio_interval
 from .kvcache import arithmetic_bytes_per_token, measure_decode
 from .options import ValidateOptions
@@ -54,6 +54,7 @@ def check_args(opts: ValidateOptions) -> dict[str, Path]:
     """The model paths, in report column order, checked before anything is loaded."""
     tasks.check_args(opts)
     passkey.settings(opts)
+    behaviour.settings(opts)
     paths = {"source": model_path("source", opts.source)}
     if opts.control:
         paths["control"] = model_path("control", opts.control)
@@ -130,9 +131,10 @@ def check_same_tokens(paths: dict[str, Path], texts, opts: ValidateOptions, sour
 
 
 def evaluate_model(role: str, path: Path, token_sets, opts: ValidateOptions, tokenizer=None, prompts=None,
-                   task_set=None) -> dict:
+                   task_set=None, behaviour_check: behaviour.Check | None = None) -> dict:
     """Load one model (only one is in memory at a time), score every text, measure its KV cache and speed;
-    the passkey prompts and lm-eval tasks, when given, with the source's tokenizer (checked equal to its own)."""
+    the passkey prompts, lm-eval tasks and behaviour check, when given, with the source's tokenizer (checked
+    equal to its own)."""
     model = load_causal_lm(path, attn_implementation="sdpa")
     top_id = max(int(ids.max()) for _, ids in token_sets)
     if top_id >= model.config.vocab_size:
@@ -152,6 +154,8 @@ def evaluate_model(role: str, path: Path, token_sets, opts: ValidateOptions, tok
         result["passkey"] = passkey.evaluate(model, tokenizer, prompts, f"{role} passkey")
     if task_set:
         result["tasks"] = tasks.evaluate(model, tokenizer, task_set)
+    if behaviour_check:
+        result["behaviour"] = behaviour_check.evaluate(model, role)
     del model
     gc.collect()
     return result
@@ -197,7 +201,7 @@ def build_report(opts: ValidateOptions, token_sets, results: dict[str, dict]) ->
     source_kv = results["source"]["kv_bytes_per_token_measured"]
     models = {}
     for role, res in results.items():
-        models[role] = {k: v for k, v in res.items() if k not in ("scores", "passkey", "tasks")}
+        models[role] = {k: v for k, v in res.items() if k not in ("scores", "passkey", "tasks", "behaviour")}
         models[role]["kv_saving_vs_source"] = 1 - res["kv_bytes_per_token_measured"] / source_kv
     passed = all(text["comparison"]["pass"] for text in texts)
     summary = ", ".join(f"{t['name']} " + ("diverged" if t["comparison"]["diverged"] else
@@ -214,6 +218,13 @@ def build_report(opts: ValidateOptions, token_sets, results: dict[str, dict]) ->
                      "(point estimate, same examples).")
     if "passkey" in results["candidate"]:
         extra["passkey"] = passkey.table({r: res["passkey"] for r, res in results.items()})
+    if "behaviour" in results["candidate"]:
+        extra["behaviour"] = behaviour.table({r: res["behaviour"] for r, res in results.items()}, opts.min_agreement)
+        if opts.min_agreement is not None:
+            passed = passed and extra["behaviour"]["pass"]
+            summary += "; " + behaviour.summary(extra["behaviour"])
+            rule += (f" And the candidate's greedy next-token agreement with the source on the behaviour prompts "
+                     f">= {opts.min_agreement:g}.")
     return {
         "verdict": {
             "pass": passed, "exit_code": 0 if passed else 1, "reference": reference,
@@ -256,8 +267,10 @@ def run(opts: ValidateOptions) -> Report:
     token_sets = check_same_tokens(paths, texts, opts, tokenizer)
     chosen = passkey.settings(opts)
     prompts = passkey.build_prompts(tokenizer, *chosen, opts.seed) if chosen else None
+    behaviour_check = behaviour.prepare(opts, tokenizer, paths)
     torch.manual_seed(opts.seed)
-    results = {role: evaluate_model(role, path, token_sets, opts, tokenizer, prompts, task_set)
+    # in paths' order: the source first, whose behaviour answers the later models are scored on
+    results = {role: evaluate_model(role, path, token_sets, opts, tokenizer, prompts, task_set, behaviour_check)
                for role, path in paths.items()}
     report = build_report(opts, token_sets, results)
     write_report(report, out)
