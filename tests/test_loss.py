@@ -1,0 +1,123 @@
+"""uptrain.loss: the chunked loss equals the plain whole-logits path, and never keeps the whole logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from models import SharedKVConfig, SharedKVForCausalLM
+from uptrain.loss import chunked_losses, final_hidden_states
+
+VOCAB = 97
+
+
+def distill_loss(student_logits, teacher_logits, temperature):
+    """KL(teacher || student) on whole logits, T^2-scaled, per token: the definition the chunks must match."""
+    t = temperature
+    student = F.log_softmax(student_logits.float() / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t / student_logits.shape[1]
+
+
+def tiny(layout: str | None = None, seed: int = 0, tied: bool = True):
+    fields = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    if layout is None:
+        return LlamaForCausalLM(LlamaConfig(**fields)).double()
+    return SharedKVForCausalLM(SharedKVConfig(**fields, kv_layout=layout)).double()
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    out = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_same_gradients(got: dict, expected: dict) -> None:
+    """Equal to 1e-6 of each gradient's largest entry (both paths take the loss in fp32, in another order)."""
+    for name, g in got.items():
+        scale = expected[name].abs().max().item()
+        assert (g - expected[name]).abs().max().item() <= 1e-6 * scale, name
+
+
+def chunked(model, ids, chunk_tokens, teacher=None, temperature=2.0):
+    teacher_hidden = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_hidden = final_hidden_states(teacher, ids)
+    return chunked_losses(final_hidden_states(model, ids), model.get_output_embeddings(), ids, teacher_hidden,
+                          teacher.get_output_embeddings() if teacher is not None else None, temperature, chunk_tokens)
+
+
+@pytest.mark.parametrize("layout", [None, "fusedkv"])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("chunk_tokens", [5, 16, 1000])  # uneven last chunk, even chunks, one chunk
+def test_chunked_lm_loss_and_gradients_equal_the_plain_loss(layout, tied, chunk_tokens):
+    model = tiny(layout, tied=tied)
+    ids = torch.randint(0, VOCAB, (3, 16))
+    plain = model(ids, labels=ids, use_cache=False).loss
+    plain.backward()
+    expected = grads(model)
+    lm, kd = chunked(model, ids, chunk_tokens)
+    lm.backward()
+    assert kd is None
+    assert lm.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert_same_gradients(grads(model), expected)
+
+
+def test_chunked_kd_loss_and_gradients_equal_distill_loss_on_whole_logits():
+    model, teacher = tiny("fusedkv"), tiny(None, seed=1)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        teacher_logits = teacher(ids, use_cache=False).logits
+    out = model(ids, labels=ids, use_cache=False)
+    plain_kd = distill_loss(out.logits, teacher_logits, 2.0)
+    (0.3 * out.loss + 0.7 * plain_kd).backward()
+    expected = grads(model)
+    lm, kd = chunked(model, ids, 7, teacher)
+    (0.3 * lm + 0.7 * kd).backward()
+    assert kd.item() == pytest.approx(plain_kd.item(), rel=1e-6)
+    assert lm.item() == pytest.approx(out.loss.item(), rel=1e-6)
+    assert_same_gradients(grads(model), expected)
+
+
+def test_no_whole_batch_logits_are_kept_for_backward():
+    """Autograd saves no logits outside the checkpointed chunks (which keep only their inputs)."""
+    model = tiny("fusedkv")
+    ids = torch.randint(0, VOCAB, (4, 32))
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def logits_kept(loss_of) -> int:
+        """Positions of vocabulary-wide activations (not weights) saved for backward while loss_of() runs."""
+        kept = []
+
+        def pack(t):
+            if t.dim() and t.shape[-1] == VOCAB and t.untyped_storage().data_ptr() not in weights:
+                kept.append(t.numel() // VOCAB)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_of()
+        return sum(kept)
+
+    assert logits_kept(lambda: chunked(model, ids, 16)) == 0
+    assert logits_kept(lambda: model(ids, labels=ids, use_cache=False).loss) >= ids.numel()  # the hook sees them
+
+
+def test_kd_is_zero_against_itself_and_positive_against_another_model():
+    model = tiny("fusedkv")
+    ids = torch.randint(0, VOCAB, (2, 12))
+    _, itself = chunked(model, ids, 5, model)
+    _, other = chunked(model, ids, 5, tiny(None, seed=1))
+    assert abs(itself.item()) < 1e-6 and other.item() > 0
+
+
+def test_eval_without_grad_gives_the_same_loss():
+    model = tiny("fusedkv")
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        plain = model(ids, labels=ids, use_cache=False).loss
+        lm, _ = chunked(model, ids, 3)
+    assert not lm.requires_grad
+    assert lm.item() == pytest.approx(plain.item(), rel=1e-6)

@@ -1,0 +1,78 @@
+"""Next-token cross-entropy and distillation computed a chunk of tokens at a time.
+
+`model(batch, labels=batch).loss` materializes the whole micro-batch's logits in fp32 and autograd
+keeps their log-softmax for the backward pass, which then makes a gradient of the same size: at
+micro-batch 4 x 256 tokens and SmolLM2's 49,152-token vocabulary that is 0.2 GB each, 0.4-0.6 GB
+at once, more than any other activation of a 135M model. Here the model runs up to its final norm
+(its own forward, so DeepSpeed's engine still sees the outputs it hooks its backward on), and the
+output layer plus the loss run per chunk of CHUNK_TOKENS tokens under activation checkpointing: a
+chunk's logits exist only while that chunk is computed, again in the backward pass, and never all
+at once. Same loss and gradients as the plain path (tests/test_loss.py pins them to 1e-6), one
+extra output-layer matmul per chunk for the recompute.
+
+On a GPU, Liger-Kernel's fused linear cross-entropy does the same without the recompute; this is
+the plain-torch version, which runs anywhere, ZeRO-3 included: the output layer is called as a
+module, so its partitioned weight is gathered by DeepSpeed's hooks for each chunk.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100  # label of a position with no next token, as in transformers' ForCausalLMLoss
+# 256 tokens x 49,152 vocabulary x 4 bytes = 50 MB of logits per chunk (fewer chunks: more memory;
+# more: a weight-sized gradient accumulated per chunk and smaller matmuls)
+CHUNK_TOKENS = 256
+
+
+def final_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The last hidden states after the final norm, (batch, seq, hidden), through model's own forward.
+
+    `model` is what training calls (a DeepSpeed engine or the bare model). The output layer runs on
+    the last position only (logits_to_keep=1); transformers returns the normed last hidden state as
+    the last of `hidden_states`."""
+    out = model(input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """Each position's target: the next token; the last position has none (IGNORE)."""
+    return F.pad(input_ids[:, 1:], (0, 1), value=IGNORE)
+
+
+def _chunk_losses(head, hidden, labels, teacher_head, teacher_hidden, temperature: float):
+    """Cross-entropy summed over the chunk's labelled tokens and, with a teacher, KL(teacher || student)
+    at the temperature summed over all its tokens (0 without one)."""
+    logits = head(hidden).float()
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    if teacher_head is None:
+        return ce, ce.new_zeros(())
+    with torch.no_grad():
+        teacher = F.log_softmax(teacher_head(teacher_hidden).float() / temperature, dim=-1)
+    student = F.log_softmax(logits / temperature, dim=-1)
+    return ce, F.kl_div(student, teacher, log_target=True, reduction="sum")
+
+
+def chunked_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor,
+                   teacher_hidden: torch.Tensor | None = None, teacher_head: torch.nn.Module | None = None,
+                   temperature: float = 1.0, chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(lm, kd) from final hidden states without the whole batch's logits.
+
+    lm: mean next-token cross-entropy, as `model(input_ids, labels=input_ids).loss`.
+    kd (None without a teacher): KL(teacher || student) of the temperature-softened distributions,
+    scaled by T^2, per token (uptrain.train.distill_loss on whole logits)."""
+    width = hidden.shape[-1]
+    labels = next_token_labels(input_ids).reshape(-1)
+    hidden = hidden.reshape(-1, width)
+    teacher_chunks = teacher_hidden.reshape(-1, width).split(chunk_tokens) if teacher_hidden is not None \
+        else [None] * len(labels.split(chunk_tokens))
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    ce_sum, kl_sum = 0.0, 0.0
+    for h, y, t in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens), teacher_chunks):
+        args = (head, h, y, teacher_head, t, temperature)
+        ce, kl = checkpoint(_chunk_losses, *args, use_reentrant=False) if recompute else _chunk_losses(*args)
+        ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
+    lm = ce_sum / (labels != IGNORE).sum().clamp(min=1)
+    kd = kl_sum * temperature ** 2 / labels.numel() if teacher_head is not None else None
+    return lm, kd
