@@ -41,12 +41,14 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # A world of one made here is marked with our pid: a child process (the demo's stages) inherits the
     # variables, and the port they name is still held by the parent's process group.
-    if "RANK" not in os.environ or os.environ.get("KVSHARE_WORLD_OF_ONE", str(os.getpid())) != str(os.getpid()):
+    pid, _, port = os.environ.get("KVSHARE_WORLD_OF_ONE", "").partition(":")
+    inherited = port == os.environ.get("MASTER_PORT") and pid != str(os.getpid())
+    if "RANK" not in os.environ or inherited:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                          KVSHARE_WORLD_OF_ONE=str(os.getpid()))
+                          KVSHARE_WORLD_OF_ONE=f"{os.getpid()}:{port}")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
