@@ -109,6 +109,14 @@ def converted(make_source, cli, tmp_path):
 
 
 @pytest.fixture
+def text_file(tmp_path):
+    """A few hundred characters of plain prose: a held-out text for validate runs on tiny models."""
+    path = tmp_path / "heldout.txt"
+    path.write_text("The river town grew up around a ford where the water ran shallow. " * 8)
+    return path
+
+
+@pytest.fixture
 def train_text(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text(default_wikitext("valid").read_text()[:40000])

@@ -27,13 +27,6 @@ def prompt_file(tmp_path):
     return path
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "heldout.txt"
-    path.write_text("The river town grew up around a ford where the water ran shallow. " * 8)
-    return path
-
-
 def validate(cli, source, candidate, text_file, out, *extra):
     code = cli("validate", "--source", source, "--candidate", candidate, "--data", text_file, "--out", out,
                *SMALL, *extra)
@@ -55,6 +48,7 @@ def test_identical_candidate_agrees_everywhere_with_zero_kl(make_source, cli, te
     section = report["behaviour"]
     assert code == 0 and report["verdict"]["pass"]
     assert section["prompts"] == len(PROMPTS) and section["tokens"] == TOKENS
+    assert section["positions"] == len(PROMPTS) * TOKENS  # a random model writes no stop token
     assert section["agreement"] == {"candidate": 1.0} and section["kl"]["candidate"] < 1e-6
     assert all(p["agreement"]["candidate"] == 1.0 for p in section["per_prompt"])
     assert "behaviour agreement 1.0000 (min 1)" in report["verdict"]["summary"]
@@ -90,6 +84,28 @@ def test_perturbed_candidate_kl_equals_a_hand_computation(make_source, tmp_path,
         assert answers[i] == tokenizer.decode(full[0, ids.shape[1]:], skip_special_tokens=True)
         assert result["per_prompt_kl"][i] == pytest.approx(kl, rel=1e-5)  # KL(q||p) is 1% away
         assert result["per_prompt_agreement"][i] == pytest.approx(agreement)
+
+
+def test_positions_after_the_first_stop_token_are_not_scored(make_source, monkeypatch):
+    src_path = make_source(tied=False)
+    tokenizer, model = load_tokenizer(src_path), load_causal_lm(src_path, attn_implementation="sdpa")
+
+    def answer(prompt, stops):
+        ids = prompt_ids(tokenizer, prompt)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=tokenizer.eos_token_id)
+        return out[0, ids.shape[1]:].tolist()
+
+    stop = answer(PROMPTS[0], None)[2]  # the third token the source writes to the first prompt ends its answers now
+    monkeypatch.setattr(behaviour, "stop_ids", lambda model, tokenizer: [stop])
+    check = behaviour.Check(tokenizer, PROMPTS, TOKENS)
+    source = check.evaluate(model, "source")
+    by_hand = [answer(prompt, [stop]) for prompt in PROMPTS]
+    assert len(by_hand[0]) <= 3 and by_hand[0][-1] == stop
+    assert source["positions"] == sum(len(a) for a in by_hand) < len(PROMPTS) * TOKENS  # each up to its stop token
+    assert source["answers"] == [tokenizer.decode(a, skip_special_tokens=True) for a in by_hand]
+    assert check.evaluate(model, "candidate")["agreement"] == 1.0
 
 
 def test_agreement_below_min_agreement_fails_with_exit_1(make_source, cli, text_file, prompt_file, tmp_path):

@@ -65,13 +65,6 @@ def task_dir(tmp_path):
     return folder
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "heldout.txt"
-    path.write_text("The river town grew up around a ford where the water ran shallow. " * 8)
-    return path
-
-
 @torch.inference_mode()
 def hand_accuracy(path) -> dict[str, list[float]]:
     """Per-question acc and acc_norm from the model's own log-likelihoods of ' ' + choice after the prompt."""

@@ -26,11 +26,12 @@ def return_freed_memory() -> None:
 
     PyTorch takes CPU tensors from malloc. glibc serves a block of 128 KiB or more with a mapping of
     its own, unmapped when freed, but each time one is freed it raises that threshold to the freed
-    block's size (up to 32 MiB): after the first step nearly every weight-sized gradient and
-    activation comes from the heap, where freed memory stays with the process, fragmented. On the
-    demo's uptraining of FusedKV SmolLM2-135M (fp32, CPU) the process then held 1.1 GB more than its
-    live tensors after every step, and peaked at 3.47 GB; with the threshold held at 128 KiB it
-    holds its live tensors (2.03 GB) and peaks at 2.76 GB, for a page fault on each new tensor's pages."""
+    block's size (up to 32 MiB): after the first step most gradients and activations come from the
+    heap, where freed memory stays with the process, fragmented. On the demo's uptraining of FusedKV
+    SmolLM2-135M (fp32, CPU) the process then held 1.1 GB more than its live tensors after every step
+    and peaked at 3.47 GB; with the threshold held at 128 KiB it holds its live tensors (2.03 GB) and
+    peaks at 2.76 GB. The price is a page fault on each new tensor's pages: ~4 s more kernel time per
+    1,024-token step there, next to ~50 s of compute (bench/results/demo_memory.json)."""
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
@@ -110,6 +111,6 @@ def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
                 groups.append({"params": params, "weight_decay": recipe.weight_decay if decayed else 0.0})
                 lambdas.append(schedule)
     # fused: one kernel, no temporaries; the default (a loop over tensors on a CPU) makes two of each
-    # tensor's size (the tied embedding's: 0.23 GB at SmolLM2-135M), foreach (on GPUs) of all of them
+    # tensor's size (the tied embedding's: 0.22 GB at SmolLM2-135M), foreach (on GPUs) of all of them
     optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas), fused=True)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

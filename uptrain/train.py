@@ -12,7 +12,6 @@ from common.console import console, progress
 from common.errors import UserError
 
 from . import blend as blending, checkpoint
-from .blend import BlendSchedule
 from .data import TrainData
 from .engine import ds_config, optimizer_and_schedule, use_bf16
 from .loss import chunked_losses, final_hidden_states
@@ -73,7 +72,7 @@ def unclipped_grad_norm(engine) -> float:
 
 def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_steps: int, run_dir: Path,
           rank: int, world_size: int, resume: bool, resume_from: str | None, export_dtype: torch.dtype,
-          blend: BlendSchedule | None = None) -> Path:
+          blend: blending.BlendSchedule | None = None) -> Path:
     import deepspeed
 
     if recipe.activation_checkpointing:

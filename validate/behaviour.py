@@ -38,9 +38,9 @@ if TYPE_CHECKING:
 
 DEFAULT_PROMPTS = PROJECT_ROOT / "data" / "behaviour" / "prompts.txt"
 DEFAULT_TOKENS = 32
-# The source answers in wide batches: its 32 decoding steps are sequential, and on 2 CPU cores one batch of 120
-# prompts answered at 2.2x the prompts/s of batches of 32. Scoring needs logits for every answer position
-# (32 x 33 x 49,152 floats: 200 MB for SmolLM2), so it runs on slices of those batches.
+# The source answers in wide batches: its decoding steps are sequential, and on 2 CPU cores SmolLM2 answered the
+# 120 shipped prompts in one batch at about twice the prompts/s of batches of 32. Scoring needs logits at every
+# answer position (32 x 33 x 49,152 floats: 200 MB for SmolLM2), so it runs on slices of those batches.
 ANSWER_BATCH = 128
 SCORE_BATCH = 32
 
@@ -169,7 +169,8 @@ class Check:
                     logp = next_token_logp(model, ids[rows], mask[rows], answer.shape[1])[scored[rows]]
                     self.batches.append(Batch(indices[rows], ids[rows], mask[rows], scored[rows], logp))
                     bar.advance(task, len(indices[rows]))
-        return {"prompts": self.prompts, "tokens": self.tokens, "answers": answers}
+        positions = sum(int(batch.scored.sum()) for batch in self.batches)
+        return {"prompts": self.prompts, "tokens": self.tokens, "positions": positions, "answers": answers}
 
     @torch.inference_mode()
     def compare(self, model, role: str) -> dict:
@@ -227,7 +228,7 @@ def table(results: dict[str, dict], min_agreement: float | None) -> dict:
     compared = {role: res for role, res in results.items() if role != "source"}
     agreement = compared["candidate"]["agreement"]
     return {
-        "prompts": len(source["prompts"]), "tokens": source["tokens"],
+        "prompts": len(source["prompts"]), "tokens": source["tokens"], "positions": source["positions"],
         "agreement": {role: res["agreement"] for role, res in compared.items()},
         "kl": {role: res["kl"] for role, res in compared.items()},
         "min_agreement": min_agreement,
@@ -261,6 +262,7 @@ def markdown_lines(report: dict) -> list[str]:
     judged = ("not judged (no --min-agreement)" if section["pass"] is None else
               f"candidate {section['agreement']['candidate']:.4f} vs min {section['min_agreement']:g} -> "
               + ("PASS" if section["pass"] else "FAIL"))
-    return [f"behaviour: {section['prompts']} prompts, the source's first {section['tokens']} greedy tokens each, "
-            f"every model teacher-forced on them; greedy next-token agreement and mean KL(source || model) per "
-            f"position; {judged}. Per-prompt scores and the source's answers: report.json.", ""]
+    return [f"behaviour: {section['prompts']} prompts, the source's first {section['tokens']} greedy tokens each "
+            f"({section['positions']:,} positions up to its stop token), every model teacher-forced on them; greedy "
+            f"next-token agreement and mean KL(source || model) per position; {judged}. Per-prompt scores and the "
+            "source's answers: report.json.", ""]
