@@ -268,3 +268,16 @@ def test_freed_tensors_go_back_to_the_system():
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert float(out.stdout) >= 90  # MiB of the 100 freed
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_start(tmp_path):
+    """DeepSpeed's CPU shm op is never built: a lock file left by a process killed mid-build would
+    make every later start wait forever (torch's build lock has no owner check)."""
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "lock").touch()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    code = "from uptrain.engine import init_distributed; print(init_distributed())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**env, "TORCH_EXTENSIONS_DIR": str(tmp_path), "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0 and out.stdout.strip().endswith("(0, 1)"), out.stderr[-2000:]
+    assert list((tmp_path / "deepspeed_shm_comm").iterdir()) == [tmp_path / "deepspeed_shm_comm" / "lock"]

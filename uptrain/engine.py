@@ -52,8 +52,22 @@ def init_distributed() -> tuple[int, int]:
                           KVSHARE_WORLD_OF_ONE=f"{os.getpid()}:{port}")
     import deepspeed
 
+    if not torch.cuda.is_available():
+        skip_cpu_shm_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def skip_cpu_shm_op():
+    """DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op in init_distributed, used only
+    by DeepSpeed-Inference's tensor parallelism, never by training. The build costs up to a minute per
+    process on a loaded machine, and torch's build lock has no owner check: a process killed while
+    building (a kill -9 resume test, a Ctrl-C) leaves the lock file and every later start waits on it
+    forever. The op is marked unavailable, as on a machine without a compiler."""
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def use_bf16(recipe: Recipe) -> bool:
