@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", default="reconstruct", choices=convert.options.INITS,
                         help="conversion init (default reconstruct, at the demo's budget: "
                              f"{', '.join(f'{k} {v}' for k, v in DEMO_FIT.items())})")
-    parser.add_argument("--steps", type=int, default=10, help="uptraining steps of 1,024 tokens (default 10)")
+    parser.add_argument("--steps", type=int, default=8, help="uptraining steps of 1,024 tokens (default 8)")
     parser.add_argument("--max-tokens", type=int, default=1024,
                         help="held-out tokens per text for validate, twice that for uptraining's evals (default 1024)")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
@@ -112,7 +112,7 @@ def uptrain_step(model: Path | None, run: Path, args: argparse.Namespace) -> Pat
     steps = args.steps
     config = os.path.relpath(DEMO_RECIPE)  # as the user would type it, from where they stand
     recipe = load_options(Recipe, config, flags={
-        "out": str(run), "budget": {"steps": steps}, "eval_every": max(1, steps // 3), "save_every": steps,
+        "out": str(run), "budget": {"steps": steps}, "eval_every": max(1, steps // 2), "save_every": steps,
         "eval_tokens": 2 * args.max_tokens, "model": str(model) if model else None,
         "control_arm": model is None})
     return staged("uptrain", recipe, FLAGS, config, resume=resume).final
