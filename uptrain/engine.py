@@ -60,10 +60,10 @@ def init_distributed() -> tuple[int, int]:
 
 def skip_cpu_shm_op():
     """DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op in init_distributed, used only
-    by DeepSpeed-Inference's tensor parallelism, never by training. The build costs up to a minute per
-    process on a loaded machine, and torch's build lock has no owner check: a process killed while
-    building (a kill -9 resume test, a Ctrl-C) leaves the lock file and every later start waits on it
-    forever. The op is marked unavailable, as on a machine without a compiler."""
+    by DeepSpeed-Inference's tensor parallelism, never by training. Every process start pays the
+    build (or its up-to-date check), and torch's build lock has no owner check: a process killed
+    while building (Ctrl-C, a restart, a test's kill) leaves the lock file and every later start
+    waits on it forever. The op is marked unavailable, as on a machine without a compiler."""
     from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
     import deepspeed.ops
 
