@@ -4,7 +4,7 @@ PY := .venv/bin/python
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := .venv/.installed-$(shell cat requirements.txt | md5sum | cut -c1-8)
 
-.PHONY: venv serve-env demo test test-serve bench-cpu bench-quality bench-gpu bench-serve clean
+.PHONY: venv serve-env demo test test-e2e test-serve bench-cpu bench-quality bench-gpu bench-serve clean
 
 venv: $(STAMP)
 
@@ -40,9 +40,14 @@ demo: venv
 
 # Two workers of one thread each: the tests' models are tiny, and two torch threads per process
 # on two cores measured up to 25x slower than one (threads spinning while the other core is busy).
+# Every part on tiny models; the embedded SmolLM2-135M end to end is test-e2e's (minutes of real-model compute).
 test: venv
-	$(PY) -m pytest -q -n 2 tests
-	@echo "the vLLM serving tests run in their own environment: make test-serve (CI runs both)"
+	$(PY) -m pytest -q -n 2 tests --ignore=tests/e2e
+	@echo "the embedded model end to end: make test-e2e; vLLM serving, in its own environment: make test-serve (CI runs all three)"
+
+# The demo as make demo runs it, and each conversion init on the real model: one file per worker.
+test-e2e: venv
+	$(PY) -m pytest -q -n 2 --dist loadfile tests/e2e
 
 # vLLM serves converted checkpoints as transformers generates them (tests/serve, in .venv-serve).
 test-serve: serve-env

@@ -1,4 +1,5 @@
-"""`run.py demo` (`make demo`): the whole pipeline on the embedded SmolLM2-135M, sized for a 2-core CPU.
+"""`run.py demo` (`make demo`): the whole pipeline on the embedded SmolLM2-135M (or `--source`, a
+checkpoint of your own), sized for a 2-core CPU.
 
 For each layout: convert (reconstruct init, at a budget sized for the demo), uptrain briefly on
 WikiText-2 validation text, and compare on WikiText-2 test and an out-of-domain text with the
@@ -23,6 +24,7 @@ import resource
 import shutil
 from pathlib import Path
 
+import yaml
 from rich.table import Table
 
 import convert
@@ -32,7 +34,7 @@ from common.console import console
 from common.errors import UserError
 from common.options import command_line, load_options
 from models import LAYOUTS
-from uptrain.recipe import Recipe
+from uptrain.recipe import Recipe, as_written
 from validate.samples import PROMPTS
 
 ROOT = Path(__file__).resolve().parent
@@ -50,6 +52,8 @@ HONEST_NOTE = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default=None,
+                        help="checkpoint folder or .gguf to convert (default: the embedded SmolLM2-135M)")
     parser.add_argument("--layouts", default="fusedkv", help=f"comma list of {', '.join(LAYOUTS)} or 'all' (default fusedkv)")
     parser.add_argument("--init", default="reconstruct", choices=convert.options.INITS,
                         help="conversion init (default reconstruct, at the demo's budget: "
@@ -102,50 +106,72 @@ def uptrain_step(model: Path | None, run: Path, args: argparse.Namespace) -> Pat
     from uptrain.stage import control_folder
 
     run_dir = control_folder(run) if model is None else run
-    if (run_dir / "final" / "config.json").exists() and not args.force:
+    config = os.path.relpath(DEMO_RECIPE)  # as the user would type it, from where they stand
+    recipe = load_options(Recipe, config, flags={
+        "out": str(run), "budget": {"steps": args.steps}, "eval_every": max(1, args.steps // 2),
+        "save_every": args.steps, "eval_tokens": 2 * args.max_tokens, "model": str(model) if model else None,
+        "source": args.source, "control_arm": model is None})
+    same = started_with(run_dir, recipe) and not args.force  # another --steps or --source starts again
+    if same and (run_dir / "final" / "config.json").exists():
         return run_dir / "final"
     # Only the last step saves a checkpoint (each would write 1.6 GB of optimizer state, seconds on a
     # few minutes' run): a run killed before it starts again, one killed while exporting resumes.
-    resume = (run_dir / "checkpoints" / "latest").is_file() and not args.force
+    resume = same and (run_dir / "checkpoints" / "latest").is_file()
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
-    steps = args.steps
-    config = os.path.relpath(DEMO_RECIPE)  # as the user would type it, from where they stand
-    recipe = load_options(Recipe, config, flags={
-        "out": str(run), "budget": {"steps": steps}, "eval_every": max(1, steps // 2), "save_every": steps,
-        "eval_tokens": 2 * args.max_tokens, "model": str(model) if model else None,
-        "control_arm": model is None})
     return staged("uptrain", recipe, FLAGS, config, resume=resume).final
 
 
-def convert_step(layout: str, init: str, out: Path, force: bool) -> Path:
+def started_with(run_dir: Path, recipe: Recipe) -> bool:
+    """Whether the run in run_dir was started with exactly this recipe."""
+    saved = run_dir / "recipe.yaml"
+    try:
+        return saved.is_file() and yaml.safe_load(saved.read_text()) == as_written(recipe)
+    except yaml.YAMLError:
+        return False
+
+
+def convert_step(layout: str, out: Path, args: argparse.Namespace) -> Path:
     from convert.options import FLAGS
 
-    target = out / "checkpoints" / f"{layout}-{init}"
-    if force or not (target / "config.json").exists():
-        options = convert.ConvertOptions(layout=layout, init=init, out=str(target), force=True, **DEMO_FIT)
+    target = out / "checkpoints" / f"{layout}-{args.init}"
+    options = convert.ConvertOptions(source=args.source, layout=layout, init=args.init, out=str(target),
+                                     force=True, **DEMO_FIT)
+    if args.force or not converted_with(target, options):
         staged("convert", options, FLAGS, keep=("layout", "init"))
     return target
 
 
-def validate_step(control: Path, trained: Path, report_dir: Path, max_tokens: int):
+def converted_with(target: Path, options: convert.ConvertOptions) -> bool:
+    """Whether target holds a conversion of the same source with the same layout, init and fit budget."""
+    from common.sources import resolve_model_path
+
+    try:
+        saved = json.loads((target / "conversion.json").read_text())
+        same_source = Path(saved["source"]["path"]).resolve() == resolve_model_path(options.source).resolve()
+        return same_source and all(saved["options"][k] == getattr(options, k) for k in ("layout", "init", *DEMO_FIT))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def validate_step(control: Path, trained: Path, report_dir: Path, args: argparse.Namespace):
     from validate.options import FLAGS
 
-    options = validate.ValidateOptions(candidate=str(trained), control=str(control),
-                                       max_tokens=max_tokens, decode_lengths=(128,), decode_new_tokens=8,
+    options = validate.ValidateOptions(source=args.source, candidate=str(trained), control=str(control),
+                                       max_tokens=args.max_tokens, decode_lengths=(128,), decode_new_tokens=8,
                                        out=str(report_dir))
     return staged("validate", options, FLAGS)
 
 
-def behaviour(models: dict[str, Path | None], scored: str, max_tokens: int, new_tokens: int) -> dict[str, dict]:
+def behaviour(models: dict[str, Path | None], scored: str, args: argparse.Namespace) -> dict[str, dict]:
     """(In a child process.) Each model's greedy answers (None: the embedded source), and the
     perplexity of model `scored` on the held-out token ids validate scores; one model in memory at a time."""
     from validate.samples import model_behaviour
     from validate.stage import held_out_texts, tokenized_texts
 
-    options = validate.ValidateOptions(candidate="default", max_tokens=max_tokens)
+    options = validate.ValidateOptions(source=args.source, candidate="default", max_tokens=args.max_tokens)
     token_sets = tokenized_texts(held_out_texts(options), options)
-    return {name: model_behaviour(path, new_tokens, token_sets if name == scored else None)
+    return {name: model_behaviour(path, args.new_tokens, token_sets if name == scored else None)
             for name, path in models.items()}
 
 
@@ -160,15 +186,16 @@ def main(args: argparse.Namespace) -> int:
     rows, said = [], {}
     for layout in layouts:
         console.rule(f"{layout}: convert ({args.init} init)")
-        converted = convert_step(layout, args.init, out, args.force)
+        converted = convert_step(layout, out, args)
         console.rule(f"{layout}: uptrain {args.steps} steps")
         trained = uptrain_step(converted, out / "runs" / f"{layout}-{args.init}", args)
         console.rule(f"{layout}: validate against the source and the control")
-        result = validate_step(control, trained, out / "reports" / f"{layout}-{args.init}", args.max_tokens)
+        result = validate_step(control, trained, out / "reports" / f"{layout}-{args.init}", args)
         console.rule(f"{layout}: greedy answers of the source, the control and {layout} before and after")
         names = model_names(layout, args.steps)
-        todo = {name: path for name, path in zip(names, (None, control, converted, trained)) if name not in said}
-        said.update(in_child(behaviour, todo, names[2], args.max_tokens, args.new_tokens))  # source, control: once
+        source = Path(args.source) if args.source else None
+        todo = {name: path for name, path in zip(names, (source, control, converted, trained)) if name not in said}
+        said.update(in_child(behaviour, todo, names[2], args))  # source, control: once
         report = dict(result.data, step0_perplexity=said[names[2]]["perplexity"],
                       answers={"prompts": list(PROMPTS), **{name: said[name]["answers"] for name in names}},
                       peak_memory_gb=dict(PEAKS))
@@ -200,7 +227,8 @@ def print_answers(said: dict[str, dict]) -> None:
 
 
 def print_summary(rows, args) -> None:
-    table = Table(title=f"where each layout stands (SmolLM2-135M, {args.steps} uptraining steps of 1,024 tokens)")
+    source = Path(args.source).name if args.source else "SmolLM2-135M"
+    table = Table(title=f"where each layout stands ({source}, {args.steps} uptraining steps of 1,024 tokens)")
     for col in ("layout", "KV bytes/token", "text", "source", f"control ({args.steps} st.)", f"step 0 ({args.init})",
                 f"after {args.steps} st.", "vs control"):
         table.add_column(col, justify="right")

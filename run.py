@@ -24,7 +24,7 @@ SUBCOMMANDS = {
     "uptrain": ("uptrain.cli", "recover quality with a DeepSpeed ZeRO job"),
     "validate": ("validate.cli", "perplexity and KV-cache bytes, candidate vs source"),
     "generate": ("uptrain.generate_cli", "text the source writes itself: data for data-free distillation"),
-    "demo": ("demo", "convert, uptrain briefly and validate the embedded SmolLM2-135M"),
+    "demo": ("demo", "convert, uptrain briefly and validate the embedded SmolLM2-135M (or --source)"),
 }
 
 

@@ -26,11 +26,12 @@ from uptrain.recipe import load_recipe  # noqa: E402
 from uptrain.stage import control_folder  # noqa: E402
 
 RECIPE = ROOT / "configs" / "uptrain-demo-cpu.yaml"
+BLEND_SCHEDULES = {"blend": "linear", "cosine": "cosine", "switch": "switch"}  # arm option -> blend_schedule
 
 
 def arm_settings(arm: str) -> tuple[str, dict]:
     """'control', or '<layout>-<init>' (a checkpoint bench/init_quality.py made) with options after
-    it: '-kd' (loss kd), '-blendN' or '-cosineN' (blend_steps N, linear or cosine), e.g.
+    it: '-kd' (loss kd), '-blendN', '-cosineN' or '-switchN' (blend_steps N, linear, cosine or switch), e.g.
     'fusedkv-copy-blend20' -> ('fusedkv-copy', {'blend_steps': 20, 'blend_schedule': 'linear'})."""
     if arm == "control":
         return arm, {"control_arm": True}
@@ -40,11 +41,10 @@ def arm_settings(arm: str) -> tuple[str, dict]:
         schedule = option.rstrip("0123456789")
         if option == "kd":
             settings["loss"] = "kd"
-        elif schedule in ("blend", "cosine") and option[len(schedule):]:
-            settings.update(blend_steps=int(option[len(schedule):]),
-                            blend_schedule="linear" if schedule == "blend" else "cosine")
+        elif schedule in BLEND_SCHEDULES and option[len(schedule):]:
+            settings.update(blend_steps=int(option[len(schedule):]), blend_schedule=BLEND_SCHEDULES[schedule])
         else:
-            raise SystemExit(f"arm {arm}: unknown option {option!r} (kd, blendN, cosineN)")
+            raise SystemExit(f"arm {arm}: unknown option {option!r} (kd, blendN, cosineN, switchN)")
     return f"{layout}-{init}", settings
 
 

@@ -51,6 +51,52 @@ def test_schedules_rise_from_zero_to_one():
     assert ts == [(0.0, 0.0), (0.5, pytest.approx(0.5)), (1.0, 1.0), (1.0, 1.0)]
 
 
+def test_switch_gives_each_layer_all_or_nothing_drawn_reproducibly(make_source, cli, tmp_path):
+    """switch: each converted layer is wholly the source's or the layout's at a step, with
+    probability t of the layout's, and the same draw for the same (seed, step, layer)."""
+    schedule = blend.BlendSchedule(100, "switch", seed=3)
+    draws = {}
+    for step in range(0, 100, 2):
+        schedule.step = step
+        draws[step] = [schedule.share(layer) for layer in range(20)]
+        assert draws[step] == [schedule.share(layer) for layer in range(20)]  # a recompute draws the same
+    assert {x for row in draws.values() for x in row} == {0.0, 1.0}
+    early = sum(sum(draws[s]) for s in range(0, 50, 2)) / (25 * 20)
+    late = sum(sum(draws[s]) for s in range(50, 100, 2)) / (25 * 20)
+    assert 0.15 < early < 0.35 and 0.65 < late < 0.85  # E[t] is 0.24 and 0.74
+    schedule.step = 100
+    assert [schedule.share(layer) for layer in range(20)] == [1.0] * 20
+    other = blend.BlendSchedule(100, "switch", seed=4, step=50)
+    schedule.step = 50
+    assert [other.share(layer) for layer in range(20)] != [schedule.share(layer) for layer in range(20)]
+
+    # in the model: at a step where the draws differ, each layer's K/V is exactly one side's
+    source = make_source(kv_heads=2)
+    out = tmp_path / "converted"
+    assert cli("convert", "--source", source, "--layout", "fusedkv", "--out", out) == 0
+    ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+    source_logits = logits(load_causal_lm(source), ids)
+    model = load_causal_lm(out)
+    layout_logits = logits(model, ids)
+    layers = [attn.layer_idx for attn in blend.converted_layers(model)]
+    switch = blend.BlendSchedule(4, "switch", step=2)
+    blend.attach(model, source, switch)
+    seen = set()
+    for seed in range(64):  # t = 0.5: seeds whose draws give all-source, all-layout and mixed layers
+        switch.seed = seed
+        drawn = frozenset(switch.share(layer) for layer in layers)
+        seen.add(drawn)
+        with_layers = logits(model, ids)
+        if drawn == {0.0}:
+            torch.testing.assert_close(with_layers, source_logits, atol=2e-5, rtol=1e-5)
+        elif drawn == {1.0}:
+            torch.testing.assert_close(with_layers, layout_logits)
+        else:
+            assert not torch.allclose(with_layers, source_logits, atol=1e-3)
+            assert not torch.allclose(with_layers, layout_logits, atol=1e-3)
+    assert len(seen) == 3
+
+
 def test_source_projections_are_frozen_and_not_optimized(converted, make_source):
     model = load_causal_lm(converted).train()
     blend.attach(model, make_source(), blend.BlendSchedule(2))

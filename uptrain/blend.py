@@ -8,7 +8,10 @@ attends during the first N steps with
     K = (1 - t) K_source + t K_layout,    V = (1 - t) V_source + t V_layout,
 
 where K_source, V_source are what the source layer computed (its own k_proj, v_proj and k_norm,
-read from the source checkpoint, frozen) and t rises from 0 at step 0 to 1 at step N. With the copy
+read from the source checkpoint, frozen) and t rises from 0 at step 0 to 1 at step N. The ``switch``
+schedule mixes whole layers instead: at each step each converted layer takes the layout's K/V with
+probability t and its source's otherwise, so every forward is a model that exists (some layers
+converted, the rest not) and a converted layer's own path gets its full gradient, not t times it. With the copy
 init (q_proj and o_proj as the source's) the model at t = 0 is the source itself. From step N on
 the model is exactly the layout; the source projections are then unused and never exported
 (``detach`` takes them off before the export).
@@ -19,6 +22,7 @@ gathers them as it gathers any other, and DeepSpeed's checkpoints hold them for 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,21 +33,28 @@ from common.errors import UserError
 from models.layout_tensors import attn_key
 from models.modeling_sharedkv import SharedKVAttention, head_norm, rope
 
-SCHEDULES = ("linear", "cosine")
-
-
 @dataclass
 class BlendSchedule:
-    """t, the share of the layout's K/V, as a function of the step the model is at."""
+    """t, the share of the layout's K/V (for ``switch``: the chance a layer takes it whole), as a
+    function of the step the model is at."""
 
     steps: int
     shape: str = "linear"
     step: int = 0  # the trainer sets it before each step and each eval
+    seed: int = 0
 
     @property
     def t(self) -> float:
         x = min(1.0, self.step / self.steps)
-        return x if self.shape == "linear" else 0.5 - 0.5 * math.cos(math.pi * x)
+        return 0.5 - 0.5 * math.cos(math.pi * x) if self.shape == "cosine" else x
+
+    def share(self, layer_idx: int) -> float:
+        """The layout's share of layer layer_idx's K/V at this step. A switch is drawn from (seed,
+        step, layer) alone: a recomputed forward, another rank and a resumed run draw the same."""
+        t = self.t
+        if self.shape != "switch" or t >= 1.0:
+            return t
+        return float(random.Random(f"{self.seed}/{self.step}/{layer_idx}").random() < t)
 
 
 class SourceKV(nn.Module):
@@ -105,7 +116,7 @@ def blended(attn: SharedKVAttention, schedule: BlendSchedule):
 
     def keys_values(hidden_states, cos, sin, past_key_values, shared_kv):
         keys, values = layout_keys_values(hidden_states, cos, sin, past_key_values, shared_kv)
-        t = schedule.t
+        t = schedule.share(attn.layer_idx)
         if t >= 1.0:
             return keys, values
         source_keys, source_values = attn.source_kv(hidden_states, cos, sin)

@@ -48,8 +48,9 @@ class Recipe:
     warmup_new_params_steps: int = option(0, "steps that train only the layout's new parameters first")
     blend_steps: int = option(0, "progressive conversion: converted layers move from their source K/V to the "
                                  "layout's over the first N steps (0 = off; uptrain/blend.py)")
-    blend_schedule: str = option("linear", "how the layout's share t of the blended K/V rises to 1",
-                                 choices=("linear", "cosine"))
+    blend_schedule: str = option("linear", "how the layout's share t of the blended K/V rises to 1; switch: "
+                                 "each layer takes the layout's K/V whole with probability t",
+                                 choices=("linear", "cosine", "switch"))
     control_arm: bool = option(False, "train the unconverted source with this recipe: the matched control")
     seed: int = option(0, "seed of the data order and the initialization")
     max_skipped_steps: int = option(3, "optimizer steps skipped for overflow in a row before the run stops")
@@ -107,7 +108,12 @@ def typed_budget(budget) -> dict:
     return {k: kinds[k](f"budget {k}", v) for k, v in budget.items()}
 
 
+def as_written(recipe: Recipe) -> dict:
+    """The recipe as recipe.yaml holds it (tuples become lists), to compare with a saved one."""
+    return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe)))
+
+
 def changed_keys(saved: dict, recipe: Recipe) -> list[str]:
     """Keys whose value differs from a saved recipe's, among those a resume must keep."""
-    now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe)))  # compare as written: tuples become lists
+    now = as_written(recipe)
     return sorted(k for k in set(now) | set(saved) if k not in RESUMABLE and saved.get(k) != now.get(k))
