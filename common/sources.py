@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
@@ -70,6 +71,14 @@ def max_positions(path: Path) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, int) else None
+
+
+def check_fits(paths: dict[str, Path], needed: int, problem: Callable[[str, int], str]) -> None:
+    """One line, problem(role, limit), for the first model whose config gives fewer than needed positions."""
+    for role, path in paths.items():
+        limit = max_positions(path)
+        if limit is not None and needed > limit:
+            raise UserError(problem(role, limit))
 
 
 def _gguf_context_length(path: Path) -> int | None:

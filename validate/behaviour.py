@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from common.console import progress
 from common.errors import UserError
-from common.sources import PROJECT_ROOT, max_positions
+from common.sources import PROJECT_ROOT, check_fits
 
 from .samples import prompt_ids
 
@@ -108,11 +108,9 @@ def prepare(opts: ValidateOptions, tokenizer, paths: dict[str, Path]) -> Check |
 def check_positions(prompt_tokens: list[list[int]], tokens: int, paths: dict[str, Path]) -> None:
     """The longest prompt plus its answer fits in every model's positions (read from its config, not loaded)."""
     needed = max(len(ids) for ids in prompt_tokens) + tokens
-    for role, path in paths.items():
-        limit = max_positions(path)
-        if limit is not None and needed > limit:
-            raise UserError(f"the longest behaviour prompt and --behaviour-tokens {tokens} need {needed} positions, "
-                            f"more than the {role}'s max_position_embeddings {limit}; use shorter prompts or fewer tokens")
+    check_fits(paths, needed, lambda role, limit: f"the longest behaviour prompt and --behaviour-tokens {tokens} need "
+                                                  f"{needed} positions, more than the {role}'s max_position_embeddings "
+                                                  f"{limit}; use shorter prompts or fewer tokens")
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 
 from common.console import progress
 from common.errors import UserError
-from common.sources import max_positions
+from common.sources import check_fits
 from models import kv_cache_bytes
 
 if TYPE_CHECKING:
@@ -76,11 +76,8 @@ def check_positions(args: ValidateOptions, paths: dict[str, Path]) -> None:
     chosen = settings(args)
     if chosen is None:
         return
-    for role, path in paths.items():
-        limit = max_positions(path)
-        if limit is not None and max(chosen[0]) > limit:
-            raise UserError(f"--passkey-lengths {max(chosen[0])} is longer than the {role}'s "
-                            f"max_position_embeddings {limit}; use lengths up to {limit}")
+    check_fits(paths, max(chosen[0]), lambda role, limit: f"--passkey-lengths {max(chosen[0])} is longer than the "
+                                                          f"{role}'s max_position_embeddings {limit}; use lengths up to {limit}")
 
 
 def answer_tokens(tokenizer) -> int:

@@ -26,11 +26,11 @@ from common.errors import UserError
 from common.outputs import user_os_errors
 from common.sources import (
     OOD_TEXT,
+    check_fits,
     default_wikitext,
     is_gguf,
     load_causal_lm,
     load_tokenizer,
-    max_positions,
     resolve_model_path,
 )
 
@@ -68,16 +68,11 @@ def check_positions(paths: dict[str, Path], opts: ValidateOptions) -> None:
     """--context and the decode runs fit in every model's positions (read from its config, not loaded)."""
     longest = max(opts.decode_lengths)
     decoded = longest + 1 + opts.decode_new_tokens  # the prompt, one untimed warm-up step, the timed steps
-    for role, path in paths.items():
-        limit = max_positions(path)
-        if limit is None:  # the config does not say: loading the model will
-            continue
-        if opts.context > limit:
-            raise UserError(f"--context {opts.context} is longer than the {role}'s max_position_embeddings {limit}; "
-                            f"use --context {limit} or less")
-        if decoded > limit:
-            raise UserError(f"--decode-lengths {longest} needs {decoded} positions with --decode-new-tokens "
-                            f"{opts.decode_new_tokens}, more than the {role}'s max_position_embeddings {limit}")
+    check_fits(paths, opts.context, lambda role, limit: f"--context {opts.context} is longer than the {role}'s "
+                                                        f"max_position_embeddings {limit}; use --context {limit} or less")
+    check_fits(paths, decoded, lambda role, limit: f"--decode-lengths {longest} needs {decoded} positions with "
+                                                   f"--decode-new-tokens {opts.decode_new_tokens}, more than the "
+                                                   f"{role}'s max_position_embeddings {limit}")
 
 
 def report_folder(opts: ValidateOptions, candidate: Path) -> Path:
