@@ -212,7 +212,7 @@ def test_reconstruct_lowers_error_and_loss_and_is_deterministic(make_source, cli
     assert (tmp_path / "r1" / "model.safetensors").read_bytes() == (tmp_path / "r2" / "model.safetensors").read_bytes()
     # A random tiny source has near-uniform loss; what reconstruct must do is bring the outputs back to the source's.
     # On the calibration tokens, the converted model's outputs move back towards the source's
-    # (held-out perplexity on a real model is checked in test_convert_smollm2.py).
+    # (held-out perplexity on a real model is checked in tests/e2e/test_convert_smollm2.py).
     from common.sources import default_wikitext, load_tokenizer
     text = default_wikitext("valid").read_text()[:20000]
     ids = torch.tensor(load_tokenizer(src)(text)["input_ids"][:256])[None]

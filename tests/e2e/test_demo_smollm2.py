@@ -1,5 +1,5 @@
 """The README's main command as `make demo` runs it: the embedded SmolLM2-135M end to end, with a
-tiny budget (tests/test_demo.py checks the same pipeline on a tiny model in seconds)."""
+tiny budget (tests/test_demo.py runs the same pipeline with `--source`, a tiny model)."""
 import json
 
 
