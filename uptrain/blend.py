@@ -11,8 +11,9 @@ where K_source, V_source are what the source layer computed (its own k_proj, v_p
 read from the source checkpoint, frozen) and t rises from 0 at step 0 to 1 at step N. The ``switch``
 schedule mixes whole layers instead: at each step each converted layer takes the layout's K/V with
 probability t and its source's otherwise, so every forward is a model that exists (some layers
-converted, the rest not) and a converted layer's own path gets its full gradient, not t times it. With the copy
-init (q_proj and o_proj as the source's) the model at t = 0 is the source itself. From step N on
+converted, the rest not) and a converted layer's own path gets its full gradient, not t times it.
+With the copy init (q_proj and o_proj as the source's) the model at t = 0 is the source itself;
+reconstruct refits them to the layout's K/V, so with it t = 0 is not the source. From step N on
 the model is exactly the layout; the source projections are then unused and never exported
 (``detach`` takes them off before the export).
 
@@ -32,6 +33,7 @@ from torch import nn
 from common.errors import UserError
 from models.layout_tensors import attn_key
 from models.modeling_sharedkv import SharedKVAttention, head_norm, rope
+
 
 @dataclass
 class BlendSchedule:
