@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-
 def one_layout(layout: str, args) -> dict:
     import torch
 
@@ -31,6 +30,7 @@ def one_layout(layout: str, args) -> dict:
     from models import SharedKVConfig, SharedKVForCausalLM
     from uptrain.engine import ds_config, init_distributed, optimizer_and_schedule
     from uptrain.recipe import Recipe
+    from uptrain.train import batch_loss
 
     _, world = init_distributed()
     import deepspeed
@@ -52,12 +52,12 @@ def one_layout(layout: str, args) -> dict:
     batch = torch.randint(0, source_config.vocab_size, (args.micro_batch, args.seq_len), device=engine.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for _ in range(2):  # warm-up
-        engine.backward(engine(batch, labels=batch).loss)
+        engine.backward(batch_loss(engine, batch, recipe, None))  # uptrain's own loss path
         engine.step()
     sync()
     start = time.perf_counter()
     for _ in range(args.steps):
-        engine.backward(engine(batch, labels=batch).loss)
+        engine.backward(batch_loss(engine, batch, recipe, None))  # uptrain's own loss path
         engine.step()
     sync()
     seconds = time.perf_counter() - start
