@@ -27,6 +27,8 @@ def test_demo_runs_the_whole_pipeline_on_a_users_model(cli, make_source, tmp_pat
     control_curve = [json.loads(line) for line in (out / "runs" / "source-control" / "metrics.jsonl").open()]
     assert control_curve[0] == {"step": 0, "tokens": 0, "eval_ppl": control_curve[0]["eval_ppl"]}  # the plot's step 0
     assert [r["step"] for r in control_curve if "eval_ppl" in r] == [0, 1, 2]
+    control_config = json.loads((out / "runs" / "source-control" / "final" / "config.json").read_text())
+    assert control_config["num_hidden_layers"] == 4  # the control arm trained the user's source
     assert (out / "quality_per_compute.png").is_file()
     err = capsys.readouterr().err
     assert "nowhere near parity" in err and "greedy answers" in err
