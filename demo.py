@@ -184,6 +184,7 @@ def main(args: argparse.Namespace) -> int:
     console.rule("control arm: the unconverted source, same recipe")
     control = uptrain_step(None, out / "runs" / "source", args)
     rows, said = [], {}
+    source = Path(args.source) if args.source else None
     for layout in layouts:
         console.rule(f"{layout}: convert ({args.init} init)")
         converted = convert_step(layout, out, args)
@@ -193,7 +194,6 @@ def main(args: argparse.Namespace) -> int:
         result = validate_step(control, trained, out / "reports" / f"{layout}-{args.init}", args)
         console.rule(f"{layout}: greedy answers of the source, the control and {layout} before and after")
         names = model_names(layout, args.steps)
-        source = Path(args.source) if args.source else None
         todo = {name: path for name, path in zip(names, (source, control, converted, trained)) if name not in said}
         said.update(in_child(behaviour, todo, names[2], args))  # source, control: once
         report = dict(result.data, step0_perplexity=said[names[2]]["perplexity"],

@@ -70,7 +70,7 @@ def test_switch_gives_each_layer_all_or_nothing_drawn_reproducibly(make_source, 
     schedule.step = 50
     assert [other.share(layer) for layer in range(20)] != [schedule.share(layer) for layer in range(20)]
 
-    # in the model: at a step where the draws differ, each layer's K/V is exactly one side's
+    # in the model: each layer's K/V is exactly one side's, whatever the draws
     source = make_source(kv_heads=2)
     out = tmp_path / "converted"
     assert cli("convert", "--source", source, "--layout", "fusedkv", "--out", out) == 0

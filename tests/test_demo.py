@@ -51,4 +51,5 @@ def test_demo_runs_the_whole_pipeline_on_a_users_model(cli, make_source, tmp_pat
     assert not demo.converted_with(out / "checkpoints" / "fusedkv-copy", dataclasses.replace(conversion, source=None))
     control = out / "runs" / "source-control"
     recipe = Recipe(**yaml.safe_load((control / "recipe.yaml").read_text()))
-    assert demo.started_with(control, recipe) and not demo.started_with(control, dataclasses.replace(recipe, budget={"steps": 3}))
+    assert demo.started_with(control, recipe)
+    assert not demo.started_with(control, dataclasses.replace(recipe, budget={"steps": 3}))

@@ -138,7 +138,8 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
         data = prepare_data(recipe, tokenizer, budget.tokens)
         model = load_causal_lm(model_path).train()
         teacher = load_causal_lm(source_path).eval() if recipe.loss != "lm" else None
-        blend = BlendSchedule(recipe.blend_steps, recipe.blend_schedule, seed=recipe.seed) if recipe.blend_steps else None
+        blend = (BlendSchedule(recipe.blend_steps, recipe.blend_schedule, seed=recipe.seed)
+                 if recipe.blend_steps else None)
         if blend is not None and not attach_blend(model, source_path, blend):
             blend = None  # nothing converted (the control arm): the recipe's blend does not apply
         if rank == 0:
