@@ -28,16 +28,18 @@ def test_blend_starts_at_the_source_and_ends_at_the_layout(layout, make_source, 
     layout_logits = logits(model, ids)
     assert not torch.allclose(layout_logits, source_logits, atol=1e-3)  # the conversion changed the model
 
-    schedule = blend.BlendSchedule(steps=4)
-    assert blend.attach(model, source, schedule) == len(blend.converted_layers(model)) > 0
-    torch.testing.assert_close(logits(model, ids), source_logits, atol=2e-5, rtol=1e-5)
-    schedule.step = 2
-    halfway = logits(model, ids)
-    assert not torch.allclose(halfway, source_logits, atol=1e-3) and not torch.allclose(halfway, layout_logits, atol=1e-3)
-    schedule.step = 4
-    torch.testing.assert_close(logits(model, ids), layout_logits)
-
-    blend.detach(model)
+    for shape in ("linear", "layerwise"):
+        schedule = blend.BlendSchedule(steps=4, shape=shape)
+        assert blend.attach(model, source, schedule) == len(blend.converted_layers(model)) > 0
+        assert schedule.layers == tuple(attn.layer_idx for attn in blend.converted_layers(model))
+        torch.testing.assert_close(logits(model, ids), source_logits, atol=2e-5, rtol=1e-5)
+        schedule.step = 2  # linear: every layer halfway; layerwise: the top half converted, the rest not
+        halfway = logits(model, ids)
+        assert not torch.allclose(halfway, source_logits, atol=1e-3)
+        assert not torch.allclose(halfway, layout_logits, atol=1e-3)
+        schedule.step = 4
+        torch.testing.assert_close(logits(model, ids), layout_logits)
+        blend.detach(model)
     assert not any("source_kv" in name for name, _ in model.named_parameters())
     torch.testing.assert_close(logits(model, ids), layout_logits)
 
@@ -49,6 +51,16 @@ def test_schedules_rise_from_zero_to_one():
         linear.step = cosine.step = step
         ts.append((linear.t, cosine.t))
     assert ts == [(0.0, 0.0), (0.5, pytest.approx(0.5)), (1.0, 1.0), (1.0, 1.0)]
+
+
+def test_layerwise_converts_the_top_layer_first_then_each_below_it():
+    schedule = blend.BlendSchedule(8, "layerwise", layers=(4, 5, 6, 7))
+    shares = {}
+    for step in (0, 1, 2, 3, 6, 8, 9):
+        schedule.step = step
+        shares[step] = [schedule.share(layer) for layer in (4, 5, 6, 7)]
+    assert shares == {0: [0, 0, 0, 0], 1: [0, 0, 0, 0.5], 2: [0, 0, 0, 1], 3: [0, 0, 0.5, 1],
+                      6: [0, 1, 1, 1], 8: [1, 1, 1, 1], 9: [1, 1, 1, 1]}
 
 
 def test_switch_gives_each_layer_all_or_nothing_drawn_reproducibly(make_source, cli, tmp_path):
@@ -107,12 +119,14 @@ def test_source_projections_are_frozen_and_not_optimized(converted, make_source)
 
 
 def test_uptrain_with_a_blend_exports_only_the_layout(recipe, cli, converted, tmp_path):
-    assert cli("uptrain", "--config", recipe(blend_steps=3)) == 0
+    """final/ and an export_at step's export past the ramp (the source projections still attached) alike."""
+    assert cli("uptrain", "--config", recipe(blend_steps=3, export_at=[4])) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("blend_t") for r in records if "loss" in r] == [0.0, pytest.approx(1 / 3, abs=1e-4), pytest.approx(2 / 3, abs=1e-4), None, None, None]
-    with safe_open(tmp_path / "run" / "final" / "model.safetensors", "pt") as exported, \
-            safe_open(converted / "model.safetensors", "pt") as conversion:
-        assert set(exported.keys()) == set(conversion.keys())
+    for export in ("final", "exports/step4"):
+        with safe_open(tmp_path / "run" / export / "model.safetensors", "pt") as exported, \
+                safe_open(converted / "model.safetensors", "pt") as conversion:
+            assert set(exported.keys()) == set(conversion.keys()), export
 
 
 def test_a_blend_longer_than_the_run_is_refused(recipe, cli, capsys):

@@ -12,6 +12,9 @@ read from the source checkpoint, frozen) and t rises from 0 at step 0 to 1 at st
 schedule mixes whole layers instead: at each step each converted layer takes the layout's K/V with
 probability t and its source's otherwise, so every forward is a model that exists (some layers
 converted, the rest not) and a converted layer's own path gets its full gradient, not t times it.
+The ``layerwise`` schedule converts one layer at a time, the top one first, each over its own
+N / (converted layers) steps, as ECHO-LLaMA (arXiv 2505.17331) converts a pretrained model: the
+layers below a converting layer are still the source's, those above it already the layout's.
 With the copy init (q_proj and o_proj as the source's) the model at t = 0 is the source itself;
 reconstruct refits them to the layout's K/V, so with it t = 0 is not the source. From step N on
 the model is exactly the layout; the source projections are then unused and never exported
@@ -44,6 +47,7 @@ class BlendSchedule:
     shape: str = "linear"
     step: int = 0  # the trainer sets it before each step and each eval
     seed: int = 0
+    layers: tuple[int, ...] = ()  # the converted layers (attach sets them): layerwise's order
 
     @property
     def t(self) -> float:
@@ -54,6 +58,9 @@ class BlendSchedule:
         """The layout's share of layer layer_idx's K/V at this step. A switch is drawn from (seed,
         step, layer) alone: a recomputed forward, another rank and a resumed run draw the same."""
         t = self.t
+        if self.shape == "layerwise":  # the top layer first, then each one below it
+            order = sorted(self.layers, reverse=True)
+            return min(1.0, max(0.0, t * len(order) - order.index(layer_idx)))
         if self.shape != "switch" or t >= 1.0:
             return t
         return float(random.Random(f"{self.seed}/{self.step}/{layer_idx}").random() < t)
@@ -97,6 +104,7 @@ def attach(model, source: Path, schedule: BlendSchedule) -> int:
     layers = converted_layers(model)
     if not layers:
         return 0
+    schedule.layers = tuple(attn.layer_idx for attn in layers)
     root, extra = readable_location(source)  # a GGUF through its dequantized folder
     tensors = open_source(source if extra else Path(root))
     for attn in layers:
@@ -125,6 +133,11 @@ def blended(attn: SharedKVAttention, schedule: BlendSchedule):
         return torch.lerp(source_keys, keys, t), torch.lerp(source_values, values, t)
 
     return keys_values
+
+
+def layout_parameters(model) -> list[tuple[str, nn.Parameter]]:
+    """The model's parameters without the blend's source projections: what an export holds."""
+    return [(name, p) for name, p in model.named_parameters() if ".source_kv." not in name]
 
 
 def detach(model) -> None:

@@ -121,16 +121,18 @@ def _save_metadata(model, tokenizer, folder: Path, dtype: torch.dtype) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def export(engine, model, tokenizer, folder: Path, zero3: bool, dtype: torch.dtype, max_shard_size: str) -> None:
+def export(engine, model, tokenizer, folder: Path, zero3: bool, dtype: torch.dtype, max_shard_size: str,
+           params: list[tuple[str, torch.nn.Parameter]] | None = None) -> None:
     """The trained model as a Hugging Face safetensors folder of the same layout, in dtype.
 
     One parameter at a time is gathered (ZeRO-3), checked finite, cast and written by rank 0 into
     shards laid out up front (convert's writer): GPU memory is one tensor above training, host
-    memory one tensor. The folder is staged and renamed into place: a failure leaves no half export."""
+    memory one tensor. The folder is staged and renamed into place: a failure leaves no half export.
+    params: the named parameters to write (default all of model's)."""
     if zero3:
         engine.empty_partition_cache()  # parameters an eval prefetched are still in flight: release them first
     name_of_dtype = NAMES[str(dtype).removeprefix("torch.")]
-    params = list(model.named_parameters())  # tied weights appear once, as save_pretrained writes them
+    params = params or list(model.named_parameters())  # tied weights appear once, as save_pretrained writes them
     shapes = [(name, tuple(getattr(p, "ds_shape", p.shape))) for name, p in params]
     rank0 = dist.get_rank() == 0
     stage = atomic_folder(folder, force=True, markers=("config.json",)) if rank0 else contextlib.nullcontext()

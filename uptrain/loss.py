@@ -5,7 +5,7 @@ their log-softmax for the backward pass, and the backward pass makes a gradient 
 4 x 256 tokens and SmolLM2's 49,152-token vocabulary, 0.2 GB each, more than any other activation of
 a 135M model. Here the model runs up to its final norm (through its own forward, so DeepSpeed's
 engine still sees the outputs it hooks its backward pass on), and the output layer and the loss run
-per chunk of CHUNK_TOKENS tokens under activation checkpointing: a chunk's logits exist only while
+per chunk of tokens under activation checkpointing: a chunk's logits exist only while
 that chunk is computed, again in the backward pass, never all at once. Same loss and gradients as
 the plain path (tests/test_loss.py pins them to 1e-6), for one more output-layer matmul per chunk.
 
@@ -26,9 +26,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # label of a position with no next token, as in transformers' ForCausalLMLoss
-# 256 tokens x 49,152 vocabulary x 4 bytes = 50 MB of logits per chunk. Larger chunks hold more;
-# smaller ones make smaller matmuls and sum one more output-layer-sized gradient each.
+# 256 tokens at SmolLM2's 49,152-token vocabulary: 50 MB of fp32 logits per chunk. Larger chunks hold
+# more; smaller ones make smaller matmuls and sum one more output-layer-sized gradient each. A small
+# vocabulary gets longer chunks, up to 16 MiB of logits (1,024 tokens at 4,096): 256-token chunks
+# (32 per 8,192-token batch, each recomputed) slowed the 1.3M-parameter parity sources, and chunks
+# over glibc's 32 MiB ceiling for heap blocks are mapped and page-faulted afresh each time (3,072
+# tokens: a quarter of the step in the kernel).
 CHUNK_TOKENS = 256
+CHUNK_LOGITS = 1 << 22
 
 
 def final_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -62,13 +67,14 @@ def _chunk_losses(head, hidden, labels, teacher_head, teacher_hidden, temperatur
 def chunked_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor,
                    teacher_hidden: torch.Tensor | None = None, teacher_head: torch.nn.Module | None = None,
                    temperature: float = 1.0,
-                   chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(lm, kd) from final hidden states without the whole batch's logits.
 
     lm: mean next-token cross-entropy, as `model(input_ids, labels=input_ids).loss`.
     kd (None without a teacher): KL(teacher || student) of the temperature-softened distributions,
     scaled by T^2 (Hinton et al.), per token; tests/test_loss.py holds the same on whole logits."""
     width = hidden.shape[-1]
+    chunk_tokens = chunk_tokens or max(CHUNK_TOKENS, CHUNK_LOGITS // head.out_features)
     labels = next_token_labels(input_ids).reshape(-1)
     hidden = hidden.reshape(-1, width)
     teacher_chunks = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).split(chunk_tokens) if teacher_hidden is not None \

@@ -49,8 +49,9 @@ class Recipe:
     blend_steps: int = option(0, "progressive conversion: converted layers move from their source K/V to the "
                                  "layout's over the first N steps (0 = off; uptrain/blend.py)")
     blend_schedule: str = option("linear", "how the layout's share t of the blended K/V rises to 1; switch: "
-                                 "each layer takes the layout's K/V whole with probability t",
-                                 choices=("linear", "cosine", "switch"))
+                                 "each layer takes the layout's K/V whole with probability t; layerwise: one "
+                                 "layer after another, the top one first", choices=("linear", "cosine", "switch",
+                                                                                   "layerwise"))
     control_arm: bool = option(False, "train the unconverted source with this recipe: the matched control")
     seed: int = option(0, "seed of the data order and the initialization")
     max_skipped_steps: int = option(3, "optimizer steps skipped for overflow in a row before the run stops")
@@ -61,6 +62,8 @@ class Recipe:
     export_dtype: str = option("auto", "exported weights' dtype (auto: the model checkpoint's)",
                                choices=("auto", "float32", "bfloat16", "float16"))
     export_max_shard_size: str = option("5GB", "largest exported shard")
+    export_at: tuple[int, ...] = option((), "steps after which the model is also exported, to exports/stepN "
+                                            "(quality per compute: each one judged by validate)")
 
     def check(self) -> None:
         self.betas = typed_betas(self.betas)
@@ -75,6 +78,8 @@ class Recipe:
                 raise UserError(f"budget {key} must be a positive number, got {self.budget[key]!r}")
         if not 0 < self.eval_fraction < 1:
             raise UserError("eval_fraction must be between 0 and 1")
+        if any(step < 1 for step in self.export_at):
+            raise UserError(f"recipe key export_at must list steps >= 1, got {list(self.export_at)}")
         for name in ("max_skipped_steps", "blend_steps", "warmup_new_params_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"recipe key {name} must be >= 0, got {getattr(self, name)}")
@@ -82,7 +87,7 @@ class Recipe:
 
 # Keys a resume may change: none of them decides the data order, the model or the optimizer.
 RESUMABLE = ("out", "save_every", "keep_last", "eval_every", "log_every", "eval_tokens", "max_skipped_steps",
-             "token_cache", "export_dtype", "export_max_shard_size")
+             "token_cache", "export_dtype", "export_max_shard_size", "export_at")
 
 
 def load_recipe(path: str | None, overrides: list[str] = (), flags: dict | None = None) -> Recipe:

@@ -115,7 +115,7 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
     from .engine import init_distributed, return_freed_memory
     from .train import train
 
-    return_freed_memory()  # before the token store and the models: what they free goes back too
+    return_freed_memory(count_params(model_path))  # before the token store and the models: what they free goes back too
     rank, world_size = init_distributed()
     if recipe.global_batch and recipe.global_batch != recipe.micro_batch * recipe.grad_accum * world_size:
         raise UserError(f"global_batch {recipe.global_batch} != micro_batch {recipe.micro_batch} x grad_accum "
@@ -134,6 +134,13 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
         if recipe.blend_steps > budget.steps:
             raise UserError(f"blend_steps {recipe.blend_steps} is more than the run's {budget.steps} steps: "
                             "the export would not be the layout yet")
+        late = [step for step in recipe.export_at if step > budget.steps]
+        if late:
+            raise UserError(f"export_at step {late[0]} is past the run's {budget.steps} steps")
+        early = [step for step in recipe.export_at if step < recipe.blend_steps]
+        if early:
+            raise UserError(f"export_at step {early[0]} is inside the blend ramp (blend_steps {recipe.blend_steps}): "
+                            "the model is not the layout yet")
         tokenizer = load_tokenizer(model_path)
         data = prepare_data(recipe, tokenizer, budget.tokens)
         model = load_causal_lm(model_path).train()

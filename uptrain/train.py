@@ -160,6 +160,9 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
             if not math.isfinite(record.get("eval_ppl", 0.0)):
                 raise stop(done, "the held-out perplexity overflowed (the model diverged)")
             bar.update(task, advance=1, description=f"uptrain loss {record['loss']:.3f} {record['tokens_per_s']:.0f} tok/s")
+            if done in recipe.export_at:  # before the checkpoint: a run killed between the two exports it again
+                checkpoint.export(engine, engine.module, tokenizer, run_dir / "exports" / f"step{done}", zero3,
+                                  export_dtype, recipe.export_max_shard_size, blending.layout_parameters(engine.module))
             # the last step too: a failed export (a full disk) then loses nothing, and --resume exports again
             if done % recipe.save_every == 0 or done == total_steps:
                 if not weights_finite(engine):
