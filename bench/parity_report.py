@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 TARGET = 1.01
+CLIP = 1.5  # the plot's top: step 0 can be several times the source, and parity is decided near 1
 REFERENCES = ("vs_source", "vs_control", "vs_scratch")
 
 
@@ -57,7 +58,7 @@ def fits(results: dict) -> dict:
         scratch = data.get("scratch", {})
         for name, arm in data.get("arms", {}).items():
             for text in ("code", "wikitext"):
-                for reference in REFERENCES:
+                for reference in REFERENCES if arm["layout"] else ("vs_source",):  # a control is its own control
                     curve = ratio_curve(arm, text, reference, scratch.get(arm["layout"]) if arm["layout"] else None)
                     if curve:
                         out.setdefault(shape, {}).setdefault(name, {}).setdefault(text, {})[reference] = crossing(curve)
@@ -101,32 +102,43 @@ def table(results: dict, fitted: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Candidate/source perplexity ratio against % of C: a panel per source and text."""
+    """Candidate/source perplexity ratio against % of C: a panel per source and text. A colour per layout,
+    its arms (inits, recipe variants) in it, the one that ends lowest in domain bold; controls dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shapes = list(results["shapes"])
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 4.5 * len(shapes)), squeeze=False)
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(13, 5 * len(shapes)), squeeze=False)
     for row, shape in enumerate(shapes):
         arms = results["shapes"][shape].get("arms", {})
+        layouts = sorted({arm["layout"] for arm in arms.values() if arm["layout"]})
+        colours = {layout: f"C{i}" for i, layout in enumerate(layouts)}
+        best = {layout: min((n for n, a in arms.items() if a["layout"] == layout),
+                            key=lambda n: arms[n]["points"][-1]["texts"]["code"]["vs_source"]["ratio"]) for layout in layouts}
         for col, (text, title) in enumerate((("code", "held-out code (in domain)"),
                                              ("wikitext", "WikiText-2 test (out of domain)"))):
             ax = axes[row][col]
-            ax.axvspan(10, 15, color="0.9", label="papers' budget (10-15% of C)")
-            ax.axhline(TARGET, color="0.4", linewidth=0.8, linestyle=":", label=f"{TARGET}x the source")
-            for name, arm in sorted(arms.items()):
+            ax.axvspan(10, 15, color="0.92", label="papers' budget (10-15% of C)")
+            ax.axhline(TARGET, color="0.3", linewidth=0.8, linestyle=":", label=f"{TARGET}x the source")
+            for k, (name, arm) in enumerate(sorted(arms.items())):
                 xs = [100 * p["share_of_pretraining_tokens"] for p in arm["points"]]
                 ys = [p["texts"][text]["vs_source"]["ratio"] for p in arm["points"]]
-                style = dict(color="black", linestyle="--", linewidth=2) if arm["layout"] is None else {}
+                if arm["layout"] is None:
+                    style = dict(color=f"{0.15 * k:.2f}", linestyle="--", linewidth=1.8)
+                elif name == best[arm["layout"]]:
+                    style = dict(color=colours[arm["layout"]], linewidth=2.2)
+                else:
+                    style = dict(color=colours[arm["layout"]], linewidth=0.9, alpha=0.6)
                 ax.plot(xs, ys, marker="o", markersize=3, label=name, **style)
-            ax.set_yscale("log")
-            ax.set_xlabel("uptraining tokens, % of the source's pretraining (C)")
-            ax.set_ylabel("perplexity / source's")
-            ax.set_title(f"{shape}: {title}")
+            top = max(y for line in ax.get_lines() for y in line.get_ydata())
+            ax.set_ylim(bottom=min(0.95, ax.get_ylim()[0]), top=min(CLIP, top * 1.02))  # where parity is decided
+            ax.set_xlabel("uptraining tokens, % of the source's pretraining tokens (C)")
+            ax.set_ylabel("perplexity / the source's")
+            ax.set_title(f"{shape}: {title}" + (f" (clipped at {CLIP}x)" if top > CLIP else ""))
             ax.grid(True, which="both", alpha=0.3)
-        axes[row][1].legend(fontsize=7, loc="upper right")
+        axes[row][1].legend(fontsize=7, loc="upper right", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -82,7 +82,7 @@ def work_dir(shape: str) -> Path:
 
 def corpus() -> Path:
     """train.jsonl / heldout.jsonl of the installed packages' Python sources, built once per machine."""
-    from bench import code_corpus
+    from common import code_corpus
 
     folder = WORK / "corpus"
     if not (folder / "corpus.json").is_file():
@@ -101,7 +101,7 @@ def tokenizer_dir() -> Path:
     for shape in SHAPES:
         if (source_dir(shape) / "tokenizer.json").is_file():
             return source_dir(shape)
-    from bench import code_corpus
+    from common import code_corpus
 
     folder = WORK / "tokenizer"
     if not (folder / "tokenizer.json").is_file():
@@ -274,15 +274,9 @@ def point_steps(shape_name: str) -> dict[float, int]:
 
 
 def calib_text() -> Path:
-    """Calibration text for reconstruct: train-split code, spread over packages."""
-    from bench import code_corpus
+    from common import code_corpus
 
-    path = WORK / "corpus" / "calib.txt"
-    if not path.is_file():
-        texts = list(code_corpus.sample_texts(WORK / "corpus" / "train.jsonl", 1_000_000))
-        path.with_suffix(".partial").write_text("\n\n".join(texts))
-        path.with_suffix(".partial").rename(path)
-    return path
+    return code_corpus.calib_text(corpus())
 
 
 def conversion_dir(shape_name: str, arm: Arm) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 HELD_OUT_PER_MILLE = 20  # 2% of the files, by content hash
 MAX_FILE_BYTES = 1_000_000  # generated tables, not code (one file in the project venv)
 EVAL_TEXT_BYTES = 400_000  # heldout.txt: about 120k tokens of the 4k BPE
+CALIB_TEXT_BYTES = 1_000_000
 EOS = "<|endoftext|>"
 
 
@@ -27,8 +28,10 @@ def is_held_out(digest: str) -> bool:
     return int(digest[:8], 16) % 1000 < HELD_OUT_PER_MILLE
 
 
-def build(out: Path, root: Path | None = None) -> dict:
-    """train.jsonl and heldout.jsonl (one file a document, in path order) and corpus.json; returns the latter."""
+def build(out: Path, root: Path | None = None, train_per_mille: int = 1000) -> dict:
+    """train.jsonl and heldout.jsonl (one file a document, in path order) and corpus.json; returns the latter.
+    train_per_mille < 1000 keeps that share of the train files (by content hash again): a small corpus
+    for a demo or a test, tokenized in seconds."""
     out.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
     counts = {"train": [0, 0], "heldout": [0, 0]}  # documents, bytes
@@ -44,6 +47,8 @@ def build(out: Path, root: Path | None = None) -> dict:
                 continue
             seen.add(digest)
             split = "heldout" if is_held_out(digest) else "train"
+            if split == "train" and int(digest[8:16], 16) % 1000 >= train_per_mille:
+                continue
             (held if split == "heldout" else train).write(json.dumps({"text": text}) + "\n")
             counts[split][0] += 1
             counts[split][1] += len(raw)
@@ -53,7 +58,7 @@ def build(out: Path, root: Path | None = None) -> dict:
     manifest = {"what": "Python sources of the installed packages, deduplicated by sha256",
                 "root": str(root or sysconfig.get_paths()["purelib"]),
                 "fingerprint": hashlib.sha256("".join(sorted(seen)).encode()).hexdigest()[:16],
-                "held_out": f"files whose sha256 % 1000 < {HELD_OUT_PER_MILLE}",
+                "held_out": f"files whose sha256 % 1000 < {HELD_OUT_PER_MILLE}", "train_per_mille": train_per_mille,
                 **{f"{split}_documents": n for split, (n, _) in counts.items()},
                 **{f"{split}_bytes": b for split, (_, b) in counts.items()}}
     (out / "corpus.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -74,14 +79,23 @@ def sample_texts(corpus: Path, max_bytes: int):
             return
 
 
+def text_sample(corpus: Path, out: Path, max_bytes: int) -> Path:
+    """A text file of a JSONL corpus's documents in content-hash order (any prefix spreads over many
+    packages, where path order would start with one), joined by blank lines, up to max_bytes."""
+    if not out.is_file():
+        out.with_suffix(".partial").write_text("\n\n".join(sample_texts(corpus, max_bytes)))
+        out.with_suffix(".partial").rename(out)
+    return out
+
+
 def eval_text(folder: Path) -> Path:
-    """heldout.txt: held-out documents in content-hash order (any prefix spreads over many packages, where
-    path order would start with one), joined by blank lines, up to EVAL_TEXT_BYTES: what validate scores."""
-    path = folder / "heldout.txt"
-    texts = list(sample_texts(folder / "heldout.jsonl", EVAL_TEXT_BYTES))
-    path.with_suffix(".partial").write_text("\n\n".join(texts))
-    path.with_suffix(".partial").rename(path)
-    return path
+    """heldout.txt: what validate scores, about 120k tokens of held-out code."""
+    return text_sample(folder / "heldout.jsonl", folder / "heldout.txt", EVAL_TEXT_BYTES)
+
+
+def calib_text(folder: Path) -> Path:
+    """calib.txt: train-split code for the reconstruct init's calibration."""
+    return text_sample(folder / "train.jsonl", folder / "calib.txt", CALIB_TEXT_BYTES)
 
 
 def train_tokenizer(folder: Path, texts, vocab: int, max_length: int = 4096) -> None:
