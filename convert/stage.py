@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from common.console import console, progress
 from common.errors import UserError
-from common.outputs import atomic_folder, claim_target
+from common.outputs import atomic_folder, check_output_path, check_outside_inputs, claim_target
 from common.sources import default_wikitext, is_gguf, load_tokenizer, resolve_model_path
 from models import AUTO_MAP, MODEL_TYPE, write_model_code
 from models.kv_layout import source_fields
@@ -176,10 +176,11 @@ def default_out(source_path: Path, opts: ConvertOptions) -> Path:
     return Path("checkpoints") / f"{stem}-{opts.layout}-{variant}"
 
 
-def check_output(out: Path, source_path: Path, nbytes: int) -> None:
-    src_dir = (source_path if source_path.is_dir() else source_path.parent).resolve()
-    if out.resolve() == src_dir or src_dir in out.resolve().parents:
-        raise UserError(f"output {out} is inside the input folder {src_dir}; choose another --out")
+def check_output(out: Path, source_path: Path, opts: ConvertOptions, nbytes: int) -> None:
+    """Refuse, before any work, an output inside an input or one that cannot be made, and a disk without room."""
+    check_outside_inputs(out, {"folder": source_path if source_path.is_dir() else source_path.parent,
+                               "calibration text": opts.calib_text})
+    check_output_path(out)
     probe = next(p for p in out.resolve().parents if p.exists())  # where the output's bytes will go
     free = shutil.disk_usage(probe).free
     if free < nbytes * 1.05:
@@ -218,7 +219,7 @@ def run(opts: ConvertOptions) -> Conversion:
     if opts.dry_run:
         dry_run_table(plan, source, dtype)
         return Conversion(None, opts, plan.param_count(), kv_bytes, [])
-    check_output(out, source_path, plan.param_count() * ITEMSIZE[dtype])
+    check_output(out, source_path, opts, plan.param_count() * ITEMSIZE[dtype])
     inputs = [source_path] + ([Path(opts.calib_text)] if opts.calib_text else [])
     claim_target(out, opts.force, MARKERS, inputs)  # before the fits: a refusal should not wait for them
     fit_report = []

@@ -41,7 +41,7 @@ def test_bad_input_is_one_line(cli, tmp_path, capsys):
     (tmp_path / "x.jsonl").write_text("{}\n")
     assert cli("generate", "--out", tmp_path / "x.jsonl") == 2
     err = capsys.readouterr().err
-    assert "prompts file" in err and "does not exist" in err and "--samples must be at least 1" in err
+    assert "prompts file" in err and "does not exist" in err and "samples must be >= 1, got 0" in err
     assert "exists; pass --force" in err and "Traceback" not in err
 
 
