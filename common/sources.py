@@ -159,7 +159,7 @@ def dequantized(path: Path) -> Path | None:
     tensor each time (tens of seconds for SmolLM2-135M; safetensors load in seconds). Keyed by the
     file's name, size and modification time. None for a large GGUF (not copied to disk unasked) or
     where the cache cannot be written."""
-    from .outputs import waiting_lock
+    from .outputs import made_folder, waiting_lock
 
     stat = path.stat()
     if stat.st_size > MAX_CACHED_GGUF_BYTES:
@@ -168,7 +168,7 @@ def dequantized(path: Path) -> Path | None:
     if (folder / "config.json").is_file():
         return folder
     try:
-        with waiting_lock(folder.with_name(folder.name + ".lock")):
+        with made_folder(folder.parent), waiting_lock(folder.with_name(folder.name + ".lock")):
             if not (folder / "config.json").is_file():
                 # a damaged GGUF is one line from here; a cache that cannot be written is skipped
                 model, tokenizer = _gguf_load(path, _load_gguf_model), _gguf_load(path, _load_gguf_tokenizer)
