@@ -18,7 +18,7 @@ from models import AUTO_MAP, MODEL_TYPE, write_model_code
 from models.kv_layout import source_fields
 
 from .dtypes import ITEMSIZE, NAMES, TORCH_NAMES
-from .options import ConvertOptions
+from .options import MIN_CALIB_TOKENS, ConvertOptions
 from .plan import Plan, TargetConfig, build_plan, mark_fitted, materialize, stream
 from .report import dry_run_table, fit_table, kv_bytes_per_token, manifest
 from .source import TensorSource, open_source
@@ -76,8 +76,8 @@ def calibration_ids(source_path: Path, opts: ConvertOptions) -> torch.Tensor:
         raise UserError(f"calibration text {path} is not UTF-8 text (at byte {err.start}); save it as UTF-8") from err
     ids = load_tokenizer(source_path)(text)["input_ids"]
     n = min(opts.calib_tokens, len(ids))
-    if n < 64:
-        raise UserError(f"calibration text {path} has only {len(ids)} tokens; give at least 64")
+    if n < MIN_CALIB_TOKENS:  # --calib-tokens itself is at least this (options.py): the text is too short
+        raise UserError(f"calibration text {path} has only {len(ids)} tokens; give at least {MIN_CALIB_TOKENS}")
     seq = min(512, n)
     return torch.tensor(ids[: n // seq * seq]).view(-1, seq)
 

@@ -115,3 +115,18 @@ def test_every_config_field_refuses_bad_values_by_name(field, value, config_fold
     assert exact or number, f"{field}={value!r} was accepted"
     if spec.kind is not bool:
         assert math.isfinite(value) and all(BOUND_TESTS[k][0](value, b) for k, b in spec.bounds.items())
+
+
+@pytest.mark.parametrize("argv,name", [
+    (["convert", "--max-shard-size", "0"], "max_shard_size"),
+    (["convert", "--calib-tokens", "0"], "calib_tokens"),
+    (["uptrain", "--set", "kd_temperature=0"], "kd_temperature"),
+    (["uptrain", "--set", "log_every=0"], "log_every"),
+    (["validate", "--candidate", "c", "--bootstrap", "nan"], "bootstrap"),
+    (["generate", "--out", "g.jsonl", "--temperature", "-inf"], "temperature"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_the_command_line_gives_the_same_one_line(argv, name, cli, capsys):
+    """The walk above goes through the loader; the command line is the same loader behind argparse."""
+    assert cli(*argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and name in lines[0], lines

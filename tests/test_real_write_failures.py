@@ -114,6 +114,8 @@ def test_convert_generate_and_validate_writes_fail_cleanly(make_source, converte
     generate = ["generate", "--source", str(source), "--samples", "4", "--batch", "2", "--tokens", "8"]
     cases = [
         Case("convert-shards", ["convert", "--source", str(source), "--out", str(tmp_path / "new" / "conv")], 100_000),
+        Case("convert-cast", ["convert", "--source", str(source), "--out", str(tmp_path / "cast"), "--dtype", "float16"],
+             100_000),
         Case("convert-unwritable", ["convert", "--source", str(source), "--out", str(tmp_path / "locked" / "conv")]),
         Case("convert-unreadable", ["convert", "--source", str(unreadable), "--out", str(tmp_path / "conv2")]),
         Case("generate-full", [*generate, "--out", str(tmp_path / "gen" / "g.jsonl")], 64),
@@ -133,6 +135,7 @@ def test_convert_generate_and_validate_writes_fail_cleanly(make_source, converte
     line = result["convert-shards"].error_line()
     assert "disk full while writing" in line and str(tmp_path / "new" / "conv") in line
     assert not (tmp_path / "new").exists()
+    assert "disk full while writing" in result["convert-cast"].error_line() and not (tmp_path / "cast").exists()
     assert "cannot write" in result["convert-unwritable"].error_line()
     line = result["convert-unreadable"].error_line()
     assert "cannot read" in line and "model.safetensors" in line and "permission denied" in line.lower()
