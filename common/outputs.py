@@ -73,10 +73,12 @@ def remove_stale_stages(target: Path) -> list[Path]:
     return removed
 
 
-def check_output_path(target: Path) -> None:
+def check_output_path(target: Path, folder: bool = True) -> None:
     """Refuse in one line an output path that cannot be made: a link to nothing, or a file where a
-    folder on its way must be."""
+    folder on its way must be (or, for an output folder, where the folder itself must be)."""
     target = _absolute(target)
+    if folder and target.exists() and not target.is_dir():
+        raise UserError(f"{target} is a file, not an output folder; choose another output")
     for path in (target, *target.parents):
         if path.is_symlink() and not path.exists():
             raise UserError(f"{path} is a link to {os.readlink(path)}, which does not exist; choose another output "

@@ -8,6 +8,7 @@ nothing is listed by hand here, so an option added tomorrow is walked too.
 import json
 import math
 import shutil
+import types
 import typing
 
 import pytest
@@ -30,8 +31,7 @@ NUMBERS = (int, float, tuple[int, ...], tuple[float, float])
 def plain(kind):
     """The declared type without None (an optional option may be left out)."""
     args = [a for a in typing.get_args(kind) if a is not type(None)]
-    return args[0] if typing.get_origin(kind) in (typing.Union, __import__("types").UnionType) and len(args) == 1 \
-        else kind
+    return args[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1 else kind
 
 
 def documented(cls, name: str, value) -> bool:

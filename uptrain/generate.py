@@ -118,7 +118,7 @@ def check_out(options: GenerateOptions, source: Path) -> Path:
     """The file to write, refused in one line where it cannot or must not be written."""
     out = Path(options.out).expanduser()
     check_outside_inputs(out, {"source": source, "prompts": options.prompts})
-    check_output_path(out)
+    check_output_path(out, folder=False)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give the .jsonl file to write")
     if out.exists() and not options.force:

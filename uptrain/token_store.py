@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from common.console import console, progress
-from common.data import DataSpec, cpu_count, is_saved_dataset, load, local_files, not_utf8
+from common.data import DataSpec, cpu_count, is_saved_dataset, load, local_files, local_root, not_utf8
 from common.errors import UserError
 from common.outputs import made_folder, user_os_errors, waiting_lock
 
@@ -76,9 +76,10 @@ def content_fingerprint(spec: DataSpec) -> str:
     dataset has no local files; its spec stands for it, and the token store's hash for its content."""
     path = Path(spec.path).expanduser()
     files = sorted(path.rglob("*")) if path.is_dir() and is_saved_dataset(path) else local_files(spec)
+    root = local_root(spec)
     digest = hashlib.sha256(json.dumps(asdict(spec) | {"weight": None}, sort_keys=True).encode())
-    for file in (f for f in files if f.is_file()):
-        digest.update(f"{file.resolve()}\0".encode())
+    for file in (f for f in files if f.is_file()):  # named as under the spec: a moved project is the same data
+        digest.update(f"{file.relative_to(root) if root and root.is_dir() else file.name}\0".encode())
         with file.open("rb") as fh:
             while chunk := fh.read(1 << 22):
                 digest.update(chunk)
