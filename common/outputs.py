@@ -207,13 +207,13 @@ def atomic_folder(target: Path, force: bool, markers: Iterable[str], inputs: Ite
             os.umask(umask)
             tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should read like any folder made here
             yield tmp
-            _swap_in(tmp, target)
+            swap_in(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 
-def _swap_in(tmp: Path, target: Path) -> None:
+def swap_in(tmp: Path, target: Path) -> None:
     """Rename tmp to target; an old target is removed only once the new one is in place."""
     if not target.exists():
         tmp.rename(target)

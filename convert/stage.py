@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from common.console import console, progress
 from common.errors import UserError
+from common.options import parse_size
 from common.outputs import atomic_folder, check_output_path, check_outside_inputs, claim_target
 from common.sources import default_wikitext, is_gguf, load_tokenizer, resolve_model_path
 from models import AUTO_MAP, MODEL_TYPE, write_model_code
@@ -22,7 +23,7 @@ from .options import MIN_CALIB_TOKENS, ConvertOptions
 from .plan import Plan, TargetConfig, build_plan, mark_fitted, materialize, stream
 from .report import dry_run_table, fit_table, kv_bytes_per_token, manifest
 from .source import TensorSource, open_source
-from .writer import open_shards, parse_size
+from .writer import open_shards
 
 if TYPE_CHECKING:  # torch and the models come in only where a conversion computes (a copy needs neither)
     import torch

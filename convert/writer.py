@@ -24,7 +24,6 @@ from typing import NamedTuple
 import numpy as np
 
 from common.errors import UserError
-from common.options import parse_size  # noqa: F401  (the writer's callers read sizes with it)
 
 from .dtypes import ITEMSIZE, TORCH_NAMES, all_finite, cast
 

@@ -8,7 +8,6 @@ The promise checked for each: exit 2, one line naming what could not be written,
 nothing half-written left, and the previous good checkpoint is the one `--resume` uses.
 """
 import json
-import os
 import stat
 
 import pytest
@@ -78,9 +77,10 @@ def test_uptrain_writes_fail_cleanly_and_resume_from_the_last_good_checkpoint(co
     for name in ("optimizer", "model", "latest"):
         line = result[name].error_line()
         assert "disk full while writing" in line and "step4 (a file-size limit)" in line and "--resume" in line, name
-    for name in ("model", "latest"):  # ("optimizer" was resumed since: below)
+    # ("optimizer" was resumed since: below); a step4 that is whole but not yet named by `latest` may stay
+    for name, kept in (("model", ["latest", "step2"]), ("latest", ["latest", "step2", "step4"])):
         checkpoints = tmp_path / name / "checkpoints"
-        assert sorted(p.name for p in checkpoints.iterdir() if not p.suffix) == ["latest", "step2"], name
+        assert sorted(p.name for p in checkpoints.iterdir() if not p.suffix) == kept, name
         assert (checkpoints / "latest").read_text() == "step2" and not (tmp_path / name / "final").exists()
     assert result["optimizer-resumed"].code == 0 and "resumed at step 2" in result["optimizer-resumed"].err
     assert (tmp_path / "optimizer" / "final" / "model.safetensors").is_file()

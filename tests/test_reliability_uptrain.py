@@ -134,30 +134,26 @@ def test_resume_checks_the_recipe_and_the_checkpoints(recipe, cli, tmp_path, cap
 # A full disk and unwritable folders at every write: tests/test_real_write_failures.py (real failures, not mocks)
 
 
-def test_a_resume_refuses_data_whose_content_changed(recipe, cli, tmp_path, capsys, train_text):
-    """The data file rewritten in place, same path and size: resuming would train on a mix of two texts."""
+def test_a_resume_refuses_other_data_or_other_tokens(recipe, cli, tmp_path, capsys, train_text):
+    """The data file rewritten in place, same path and size: resuming would train on a mix of two texts.
+    And a token store whose tokens are not the ones the run started on (run.json's count and hash)."""
     path = recipe(budget={"steps": 2}, save_every=1)
     assert cli("uptrain", "--config", path) == 0
-    text = train_text.read_text()
+    text, saved = train_text.read_text(), (tmp_path / "run" / "run.json").read_text()
     train_text.write_text(text[len(text) // 2:] + text[: len(text) // 2])  # the same bytes, other sequences
     capsys.readouterr()
     assert cli("uptrain", "--config", path, "--resume-from", "step1") == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--resume: data" in line and str(train_text) in line and "changed since the run started" in line
-    train_text.write_text(text)  # restored, with a new modification time: the same tokens again
-    assert cli("uptrain", "--config", path, "--resume-from", "step1") == 0
-
-
-def test_a_resume_refuses_a_token_store_with_other_tokens(recipe, cli, tmp_path, capsys):
-    path = recipe(budget={"steps": 2}, save_every=1)
-    assert cli("uptrain", "--config", path) == 0
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    train_text.write_text(text)  # restored, with a new modification time: a new store of the same tokens
+    run = json.loads(saved)
     run["inputs"][0]["sha256"] = "0" * 64  # as if the run had started on other tokens of the same files
     (tmp_path / "run" / "run.json").write_text(json.dumps(run))
-    capsys.readouterr()
     assert cli("uptrain", "--config", path, "--resume-from", "step1") == 2
     err = capsys.readouterr().err
     assert "--resume: the token store of data" in err and "the run started on" in err and "Traceback" not in err
+    (tmp_path / "run" / "run.json").write_text(saved)
+    assert cli("uptrain", "--config", path, "--resume-from", "step1") == 0
 
 
 def test_the_control_arm_of_a_plain_model_is_that_model(recipe, cli, tmp_path, capsys, make_source):
@@ -176,7 +172,7 @@ def test_the_control_arm_of_a_plain_model_is_that_model(recipe, cli, tmp_path, c
     ("cache-in-model", "token_cache {model}/tokens is inside the input model"),
     ("out-in-data", "is inside the input data"),
     ("out-under-a-file", "is a file, not a folder"),
-    ("cache-a-file", "is a file; give a folder for the token stores"),
+    ("cache-a-file", "token_cache: {tmp}/afile is a file, not an output folder"),
 ])
 def test_outputs_inside_an_input_or_a_file_are_refused(where, message, recipe, cli, tmp_path, capsys, converted):
     (tmp_path / "afile").write_text("mine")
@@ -189,7 +185,7 @@ def test_outputs_inside_an_input_or_a_file_are_refused(where, message, recipe, c
     before = sorted(p.name for p in converted.iterdir())
     assert cli("uptrain", "--config", recipe(**overrides)) == 2
     err = capsys.readouterr().err
-    assert message.format(model=converted) in err and "Traceback" not in err
+    assert message.format(model=converted, tmp=tmp_path) in err and "Traceback" not in err
     assert sorted(p.name for p in converted.iterdir()) == before and (tmp_path / "afile").read_text() == "mine"
     assert not (tmp_path / "run").exists() and sorted(p.name for p in (tmp_path / "corpus").iterdir()) == ["a.txt"]
 

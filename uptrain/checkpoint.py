@@ -15,9 +15,10 @@ import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from common.errors import UserError
-from common.outputs import atomic_folder, os_error_line
+from common.options import parse_size
+from common.outputs import atomic_folder, os_error_line, swap_in
 from convert.dtypes import NAMES
-from convert.writer import open_shards, parse_size
+from convert.writer import open_shards
 
 TAG = re.compile(r"^step(\d+)$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,20 +60,27 @@ class _Writer:
 
 
 def save(engine, folder: Path, step: int, keep_last: int, extra: dict) -> None:
-    """Save a resumable checkpoint after `step` steps; keep only the newest keep_last. `latest` is
-    rewritten (atomically) only once the step's folder is whole: a failed save (a full disk) removes
-    its own half-written folder and leaves `latest` on the previous one."""
+    """Save a resumable checkpoint after `step` steps; keep only the newest keep_last.
+
+    Every rank writes into a staging folder (`.stepN.saving`), renamed to stepN once whole, and only
+    then is `latest` rewritten (atomically): a failed save (a full disk) removes its own half-written
+    folder, leaves `latest` on the previous checkpoint and never touches a stepN saved before (a
+    resume from an earlier tag saves it again)."""
     if type(engine.checkpoint_engine) is TorchCheckpointEngine:
         engine.checkpoint_engine = FileObjectEngine(engine._config)
     tag = f"step{step}"
+    staged = folder / f".{tag}.saving"
     rank0 = dist.get_rank() == 0
+    if rank0:  # what a killed save left: the run folder is locked, no one else writes it
+        shutil.rmtree(staged, ignore_errors=True)
     try:
-        engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step, "rng": rng_state(), **extra},
+        engine.save_checkpoint(str(folder), tag=staged.name, client_state={"step": step, "rng": rng_state(), **extra},
                                save_latest=False)
         if rank0:
+            swap_in(staged, folder / tag)
             _write_latest(folder, tag)
     except Exception as err:
-        shutil.rmtree(folder / tag, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
         line = os_error_line(err, folder / tag)
         if line is None:
             raise

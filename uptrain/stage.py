@@ -12,6 +12,7 @@ from pathlib import Path
 from common.console import console
 from common.data import local_root
 from common.errors import UserError
+from common.options import named
 from common.outputs import check_output_path, check_outside_inputs
 from common.sources import (
     DEFAULT_GGUF_NAME,
@@ -116,13 +117,11 @@ def check_outputs(recipe: Recipe, model_path: Path, source_path: Path | None, ru
     inputs = {"model": model_path, "source": source_path}
     inputs.update((f"data {spec.path}", root) for spec in train_specs(recipe) + eval_specs(recipe)
                   if (root := local_root(spec)) is not None)
-    cache = Path(recipe.token_cache)
-    for option, path in (("out", run_dir), ("token_cache", cache)):
+    for option, path in (("out", run_dir), ("token_cache", Path(recipe.token_cache))):
         if path is not None:
             check_outside_inputs(path, inputs, option)
-            check_output_path(path)
-    if cache.exists() and not cache.is_dir():
-        raise UserError(f"token_cache {cache} is a file; give a folder for the token stores")
+            with named(option):
+                check_output_path(path)
 
 
 def prepare(recipe: Recipe) -> TrainData:
