@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common.console import console
     from common.errors import UserError
+    from common.sources import writable_module_cache
+
+    writable_module_cache()  # before any stage imports transformers
 
     argv = sys.argv[1:] if argv is None else argv
     # The deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK in the environment says the same.

@@ -29,6 +29,8 @@ CACHE = Path(".cache")
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
             ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+# what datasets says of local files with no record in them
+EMPTY = ("corresponds to no data", "at least one example")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ def parse_spec(value, split: str = "train") -> DataSpec:
     """One data spec from a string (``path`` or ``path:split``) or a mapping of DataSpec's keys."""
     if isinstance(value, (str, Path)):
         text = str(value)
+        if not text.strip():
+            raise UserError("a data path is empty; give a file, a folder, a glob or a dataset name")
         if ":" in text and not Path(text).exists() and not text.startswith(("/", ".", "~")):
             text, split = text.rsplit(":", 1)
         return DataSpec(path=text, split=split)
@@ -55,7 +59,7 @@ def parse_spec(value, split: str = "train") -> DataSpec:
         unknown = sorted(set(value) - set(SPEC_KEYS))
         if unknown:
             raise UserError(f"unknown data key {unknown[0]!r}; known: {', '.join(SPEC_KEYS)}")
-        if "path" not in value:
+        if not str(value.get("path") or "").strip():
             raise UserError(f"a data mapping needs a path: {value!r}")
         weight = value.get("weight", 1.0)
         if isinstance(weight, str):
@@ -100,6 +104,15 @@ def local_files(spec: DataSpec) -> list[Path]:
     return []
 
 
+def local_root(spec: DataSpec) -> Path | None:
+    """The file or folder a local spec reads from (a glob's folder before its first wildcard); None
+    for a hub name."""
+    parts = Path(spec.path).expanduser().parts
+    fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    return root if root.exists() else None
+
+
 def is_saved_dataset(path: Path) -> bool:
     return any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
 
@@ -127,6 +140,27 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def load_error(spec: DataSpec, err: Exception) -> UserError:
+    """The one line for a source datasets could not read, from the reason under its wrappers
+    (DatasetGenerationError says only "An error occurred while generating the dataset")."""
+    from .outputs import os_error_line
+
+    line = os_error_line(err, CACHE / "datasets")  # a full disk or an unwritable cache, while converting to Arrow
+    if line is not None:
+        return UserError(line)
+    reasons = []
+    while err is not None and len(reasons) < 10:
+        reasons.append(err)
+        err = err.__cause__ or err.__context__
+    for reason in reasons:
+        if isinstance(reason, UnicodeDecodeError):
+            return not_utf8(spec, reason)
+        if isinstance(reason, StopIteration) or any(text in str(reason) for text in EMPTY):
+            return UserError(f"data {spec.path!r} holds no text")
+    wrapped = type(reasons[0]).__name__ == "DatasetGenerationError" and len(reasons) > 1
+    return UserError(f"cannot read data {spec.path!r}: {_first_line(reasons[1] if wrapped else reasons[0])}")
+
+
 def load(spec: DataSpec):
     """The spec as a `datasets` Dataset (IterableDataset when streaming) with its text in spec.field."""
     import datasets
@@ -134,6 +168,8 @@ def load(spec: DataSpec):
     datasets.disable_progress_bars()  # ours are enough
     path = Path(spec.path).expanduser()
     cache = str(CACHE / "datasets")
+    quiet = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs the reason too: our one line says it
     try:
         if path.is_dir() and is_saved_dataset(path):
             ds = datasets.load_from_disk(str(path))
@@ -156,14 +192,10 @@ def load(spec: DataSpec):
                                        cache_dir=cache)
     except UserError:
         raise
-    except UnicodeDecodeError as err:
-        raise not_utf8(spec, err) from err
-    except ValueError as err:
-        if "corresponds to no data" in str(err):  # what datasets says of files with no record in them
-            raise UserError(f"data {spec.path!r} holds no text") from err
-        raise UserError(f"cannot read data {spec.path!r}: {_first_line(err)}") from err
     except Exception as err:  # datasets and pyarrow raise many types; the user needs one line either way
-        raise UserError(f"cannot read data {spec.path!r}: {_first_line(err)}") from err
+        raise load_error(spec, err) from err
+    finally:
+        datasets.logging.set_verbosity(quiet)
     if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if spec.split not in ds:
             raise UserError(f"dataset {spec.path!r} has no split {spec.split!r}; it has {', '.join(ds)}")

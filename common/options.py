@@ -4,26 +4,31 @@ A stage declares its options once, as dataclass fields made with `option()` (def
 choices). From that one declaration:
 
 - `load_options(cls, config, overrides, flags)` reads a YAML file, `--set key=value` overrides and
-  the stage's own flags (later wins), types every value from its annotation, checks choices, then
-  calls the dataclass's `check()` for rules between options;
+  the stage's own flags (later wins), types every value from its annotation, checks choices and
+  the declared range of every number (`at_least`, `above`, `at_most`, `below`), then calls the
+  dataclass's `check()` for rules between options;
 - `add_option_arguments(parser, cls, flags)` gives a subcommand `--config`, `--set` and its short
   flags, with help texts that print the dataclass's defaults (never restated by hand);
 - `command_line(stage, options, flags)` writes the command that reproduces an options object.
 
 YAML 1.1 reads ``3e-4`` (no dot) as a string and ``.inf``/``.nan`` as floats; values are typed with
 the rules below instead, so ``lr: 3e-4`` is a number, ``seq_len: 64.5`` an error, a non-finite
-number is refused, and ``dry_run: "no"`` is False.
+number is refused, an empty text is refused (leave the option out instead), and ``dry_run: "no"``
+is False. Every error names the option.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
+import re
 import shlex
 import types
 import typing
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Sequence, TypeVar
 
 import yaml
@@ -73,31 +78,95 @@ def as_bool(name: str, value) -> bool:
 def as_str(name: str, value) -> str:
     if isinstance(value, (dict, list)):
         raise UserError(f"{name} must be a single value, got {value!r}")
+    if not str(value).strip():  # an empty path would mean the current folder
+        raise UserError(f"{name} is empty; give a value or leave the option out")
     return str(value)
 
 
 def as_ints(name: str, value) -> tuple[int, ...]:
     """A list of integers from YAML (`[128, 512]`) or flags (`128,512`, repeatable)."""
     items = value if isinstance(value, (list, tuple)) else [value]
-    return tuple(as_int(name, x) for item in items for x in (str(item).split(",") if isinstance(item, str) else [item])
-                 if str(x).strip())
+    return nonempty(name, tuple(as_int(name, x) for item in items
+                                for x in (str(item).split(",") if isinstance(item, str) else [item]) if str(x).strip()))
 
 
 def as_strs(name: str, value) -> tuple[str, ...]:
     """A list of values from YAML or a repeated flag (paths may hold commas: never split)."""
-    return tuple(as_str(name, x) for x in (value if isinstance(value, (list, tuple)) else [value]))
+    return nonempty(name, tuple(as_str(name, x) for x in (value if isinstance(value, (list, tuple)) else [value])))
+
+
+def nonempty(name: str, values: tuple) -> tuple:
+    if not values:
+        raise UserError(f"{name} is an empty list; give at least one value or leave the option out")
+    return values
+
+
+SEEDS = 2**32  # numpy's generators take seeds below this
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 500MB, 5GB or 2GiB (decimal units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    if not match:
+        raise UserError(f"cannot read size {text!r}; use e.g. 500MB or 5GB")
+    number, unit = float(match.group(1)), match.group(2).rstrip("B").rstrip("I")
+    return int(number * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[unit])
+
+
+@contextlib.contextmanager
+def named(name: str) -> Iterator[None]:
+    """A UserError raised in the block names the option it is about (prefixed where it does not already)."""
+    try:
+        yield
+    except UserError as err:
+        if name in str(err):
+            raise
+        raise UserError(f"{name}: {err}") from err
+
+
+def shard_size(name: str, text: str) -> int:
+    """A largest-shard option in bytes: a readable size of at least one byte, else one line naming it."""
+    with named(name):
+        size = parse_size(text)
+    if size < 1:
+        raise UserError(f"{name} must be at least 1 byte, got {text!r}; use e.g. 500MB or 5GB")
+    return size
 
 
 CONVERTERS = {int: as_int, float: as_float, bool: as_bool, str: as_str,
               tuple[int, ...]: as_ints, tuple[str, ...]: as_strs}
 
 
-def option(default: Any = None, help: str = "", choices: Sequence | None = None, factory=None) -> Any:
-    """A dataclass field that is an option: its default, its help text and, if fixed, its choices."""
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None}
+def option(default: Any = None, help: str = "", choices: Sequence | None = None, factory=None,
+           at_least: float | None = None, above: float | None = None, at_most: float | None = None,
+           below: float | None = None) -> Any:
+    """A dataclass field that is an option: its default, its help text and, if fixed, its choices or
+    the range of its numbers (every item of a list of numbers)."""
+    bounds = {k: v for k, v in (("at_least", at_least), ("above", above), ("at_most", at_most), ("below", below))
+              if v is not None}
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "bounds": bounds}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+BOUND_TESTS = {"at_least": (lambda v, b: v >= b, ">="), "above": (lambda v, b: v > b, ">"),
+               "at_most": (lambda v, b: v <= b, "<="), "below": (lambda v, b: v < b, "<")}
+
+
+def range_text(bounds: dict) -> str:
+    """A declared range as the help and the errors say it: ">= 1", "> 0 and <= 1"."""
+    return " and ".join(f"{BOUND_TESTS[k][1]} {v:g}" if isinstance(v, float) else f"{BOUND_TESTS[k][1]} {v}"
+                        for k, v in bounds.items())
+
+
+def check_range(name: str, value, bounds: dict) -> None:
+    """value (a number, or each number of a list) within bounds, else one line naming the option."""
+    if not bounds or value is None:
+        return
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(item, (int, float)) and not all(BOUND_TESTS[k][0](item, b) for k, b in bounds.items()):
+            raise UserError(f"{name} must be {range_text(bounds)}, got {item!r}")
 
 
 def fields_of(cls) -> dict[str, dataclasses.Field]:
@@ -135,7 +204,7 @@ def convert_value(cls, name: str, value):
 
 
 def typed(cls, raw: dict) -> dict:
-    """raw option values as their declared types, choices checked."""
+    """raw option values as their declared types, choices and ranges checked."""
     fields = fields_of(cls)
     out = {}
     for name, value in raw.items():
@@ -143,6 +212,7 @@ def typed(cls, raw: dict) -> dict:
         choices = fields[name].metadata.get("choices")
         if choices and out[name] not in choices:
             raise UserError(f"unknown {name} {out[name]!r}; choose one of {', '.join(str(c) for c in choices if c)}")
+        check_range(name, out[name], fields[name].metadata.get("bounds", {}))
     return out
 
 
@@ -216,7 +286,8 @@ def add_option_arguments(parser: argparse.ArgumentParser, cls, flags: Sequence[s
     for name in flags:
         f = fields[name]
         default = default_of(f)  # a None default is described by the help text itself ("none: ...")
-        help_text = (f.metadata["help"] + ("" if default is None else f" (default {shown(default)})")).replace("%", "%%")
+        help_text = (f.metadata["help"] + ("" if default is None else f" (default {shown(default)})")
+                     + described_range(f)).replace("%", "%%")
         kind = hints(cls)[name]
         if kind is bool:
             parser.add_argument(flag_name(name), dest=name, action="store_true", default=None, help=help_text)
@@ -228,8 +299,13 @@ def add_option_arguments(parser: argparse.ArgumentParser, cls, flags: Sequence[s
             parser.add_argument(flag_name(name), dest=name, default=None, choices=choices, help=help_text)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     listing = "\n".join(f"  {name} = {shown(default_of(f))}" + (f"  {f.metadata['help']}" if f.metadata.get("help") else "")
-                        for name, f in fields.items())
+                        + described_range(f) for name, f in fields.items())
     parser.epilog = f"options (--config keys, --set KEY=VALUE), with their defaults:\n{listing}"
+
+
+def described_range(f: dataclasses.Field) -> str:
+    bounds = f.metadata.get("bounds")
+    return f" [{range_text(bounds)}]" if bounds else ""
 
 
 def options_from_args(cls: type[T], args: argparse.Namespace, flags: Sequence[str]) -> T:

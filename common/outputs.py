@@ -26,7 +26,8 @@ from .console import console
 from .errors import UserError
 
 HOST = socket.gethostname().replace("-", "_")
-FULL = (errno.ENOSPC, errno.EDQUOT)
+# EFBIG is a file-size limit (ulimit -f, a filesystem's largest file): for the user, the disk is full
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -72,6 +73,35 @@ def remove_stale_stages(target: Path) -> list[Path]:
     return removed
 
 
+def check_output_path(target: Path, folder: bool = True) -> None:
+    """Refuse in one line an output path that cannot be made: a link to nothing, or a file where a
+    folder on its way must be (or, for an output folder, where the folder itself must be)."""
+    target = _absolute(target)
+    if folder and target.exists() and not target.is_dir():
+        raise UserError(f"{target} is a file, not an output folder; choose another output")
+    for path in (target, *target.parents):
+        if path.is_symlink() and not path.exists():
+            raise UserError(f"{path} is a link to {os.readlink(path)}, which does not exist; choose another output "
+                            "or remove the link")
+        if path != target and path.exists():
+            if not path.is_dir():
+                raise UserError(f"cannot write {target}: {path} is a file, not a folder; choose another output")
+            return
+
+
+def check_outside_inputs(target: Path, inputs: dict[str, str | Path | None], option: str = "--out") -> None:
+    """Refuse in one line an output that is one of a stage's inputs or lies inside one: the stage
+    would write into what it reads (a model folder, a data folder, a text)."""
+    resolved = Path(target).expanduser().resolve()
+    for role, item in inputs.items():
+        if item is None:
+            continue
+        item = Path(item).expanduser().resolve()
+        if resolved == item or item in resolved.parents:
+            raise UserError(f"{option} {target} is inside the input {role} {item}: the stage would write into what "
+                            f"it reads; choose another {option}")
+
+
 def check_replaceable(target: Path, markers: Iterable[str], inputs: Iterable[Path] = ()) -> None:
     """Refuse, in one line, to replace target unless this project wrote it (or it is empty) and it holds no input."""
     resolved = target.resolve()
@@ -96,6 +126,7 @@ def claim_target(target: Path, force: bool, markers: Iterable[str], inputs: Iter
     """Remove (and say so) what killed runs left beside target, then refuse in one line an output that
     exists without force or must not be replaced. atomic_folder starts with it; a caller with long
     work ahead (a fit, a training run) calls it first too, so a refusal comes before the work."""
+    check_output_path(target)
     removed = remove_stale_stages(target)
     if removed:
         console.print(f"removed {', '.join(p.name for p in removed)}: left beside {escape(str(target))} by a killed run",
@@ -105,21 +136,39 @@ def claim_target(target: Path, force: bool, markers: Iterable[str], inputs: Iter
     check_replaceable(target, markers, inputs)
 
 
-def os_error_line(err: OSError, where: Path) -> str | None:
-    """One line for the OS errors a user can fix (full disk, no permission); None for the others."""
-    if err.errno in FULL:
-        return f"disk full while writing {where}: free some space and run again (nothing was kept)"
-    if err.errno in DENIED:  # named by the output the user chose: the file that failed is often a hidden stage
-        return f"cannot write {where}: {os.strerror(err.errno).lower()}"
+def os_error_line(err: BaseException, where: Path) -> str | None:
+    """One line for the OS errors a user can fix (full disk, no permission), found in err or what
+    it was raised from (torch and datasets wrap the OSError of a failed write); None for the others."""
+    cause = user_os_error(err)
+    if cause is None:
+        return None
+    if cause.errno in FULL:
+        reason = " (a file-size limit)" if cause.errno == errno.EFBIG else ""
+        return f"disk full while writing {where}{reason}: free some space and run again (nothing was kept)"
+    # named by the output the user chose: the file that failed is often a hidden stage
+    return f"cannot write {where}: {os.strerror(cause.errno).lower()}"
+
+
+def user_os_error(err: BaseException | None) -> OSError | None:
+    """The full-disk or permission OSError in err's chain (__cause__, __context__), if there is one."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in FULL + DENIED:
+            return err
+        err = err.__cause__ or err.__context__
     return None
 
 
 @contextlib.contextmanager
 def user_os_errors(where: Path) -> Iterator[None]:
-    """OS errors a user can fix become one-line UserErrors; the others stay tracebacks."""
+    """OS errors a user can fix become one-line UserErrors, also where a library wrapped them; the
+    others stay tracebacks."""
     try:
         yield
-    except OSError as err:
+    except UserError:
+        raise
+    except Exception as err:
         line = os_error_line(err, where)
         if line is None:
             raise
@@ -158,13 +207,13 @@ def atomic_folder(target: Path, force: bool, markers: Iterable[str], inputs: Ite
             os.umask(umask)
             tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should read like any folder made here
             yield tmp
-            _swap_in(tmp, target)
+            swap_in(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 
-def _swap_in(tmp: Path, target: Path) -> None:
+def swap_in(tmp: Path, target: Path) -> None:
     """Rename tmp to target; an old target is removed only once the new one is in place."""
     if not target.exists():
         tmp.rename(target)
@@ -183,12 +232,31 @@ def _swap_in(tmp: Path, target: Path) -> None:
 @contextlib.contextmanager
 def waiting_lock(path: Path) -> Iterator[None]:
     """Hold the lock file at path for the block, waiting for whoever holds it (one builder of a shared
-    cache at a time; the others find its result when they get the lock)."""
+    cache at a time; the others find its result when they get the lock). The holder removes the file
+    before it lets go, so none is left behind; a waiter that then wakes on the removed file takes
+    the lock again on the path's new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    while True:
+        fh = path.open("a")
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            if _same_file(fh, path):
+                break
+        except BaseException:
+            fh.close()
+            raise
+        fh.close()  # its holder removed it: lock the one at path now
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        fh.close()  # closing releases the lock
+
+
+def _same_file(fh, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fh.fileno()), path.stat())
+    except FileNotFoundError:
+        return False
 

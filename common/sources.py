@@ -5,14 +5,18 @@ The embedded default is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI pa
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
-import json
 import os
+import shutil
 import struct
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
+from .model_config import read_config
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # GGUFs up to this size (a Q4 model of ~1B parameters, ~4 GB dequantized) are cached dequantized
@@ -22,6 +26,25 @@ OOD_TEXT = PROJECT_ROOT / "data" / "ood" / "python-docs.txt"
 # GGUF metadata value types: struct formats of the fixed-size ones, and the two of variable size
 GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def writable_module_cache() -> None:
+    """Loading a converted folder copies its modeling code into transformers' modules cache, in the
+    home folder, before importing it; where that cannot be written (a read-only or full home) every
+    stage would fail to load a converted model. A private temporary folder stands in then (removed
+    at exit). transformers reads the place once, on import: call this first."""
+    if "transformers" in sys.modules or os.environ.get("HF_MODULES_CACHE"):
+        return
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    try:
+        folder = Path(hf_home) / "modules"
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        stand_in = tempfile.mkdtemp(prefix="kvshare-hf-modules-")
+        atexit.register(shutil.rmtree, stand_in, ignore_errors=True)
+        os.environ["HF_MODULES_CACHE"] = stand_in
 
 
 def default_model_path() -> Path:
@@ -59,18 +82,24 @@ def model_location(path: Path) -> tuple[str, dict]:
 
 
 def max_positions(path: Path) -> int | None:
-    """The model's max_position_embeddings, read without loading it: from config.json, or from a
-    GGUF file's `<arch>.context_length`; None when neither says (loading will then say what is wrong)."""
+    """The model's max_position_embeddings, read without loading it: from config.json (checked: a bad
+    one is one line), or from a GGUF file's `<arch>.context_length`; None when neither says."""
     if is_gguf(path):
         try:
             return _gguf_context_length(path)
         except (OSError, struct.error, KeyError, UnicodeDecodeError):
             return None
-    try:
-        value = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
+    if not (path / "config.json").is_file():
         return None
-    return value if isinstance(value, int) else None
+    return read_config(path).get("max_position_embeddings")
+
+
+def loading_errors() -> tuple[type[Exception], ...]:
+    """What transformers, huggingface_hub and safetensors raise on a damaged or hand-edited checkpoint."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, KeyError, TypeError, StrictDataclassError, SafetensorError
 
 
 def check_fits(paths: dict[str, Path], needed: int, problem: Callable[[str, int], str]) -> None:
@@ -130,7 +159,7 @@ def dequantized(path: Path) -> Path | None:
     tensor each time (tens of seconds for SmolLM2-135M; safetensors load in seconds). Keyed by the
     file's name, size and modification time. None for a large GGUF (not copied to disk unasked) or
     where the cache cannot be written."""
-    from .outputs import atomic_folder, waiting_lock
+    from .outputs import made_folder, waiting_lock
 
     stat = path.stat()
     if stat.st_size > MAX_CACHED_GGUF_BYTES:
@@ -139,15 +168,41 @@ def dequantized(path: Path) -> Path | None:
     if (folder / "config.json").is_file():
         return folder
     try:
-        with waiting_lock(folder.with_name(folder.name + ".lock")):
+        with made_folder(folder.parent), waiting_lock(folder.with_name(folder.name + ".lock")):
             if not (folder / "config.json").is_file():
-                model, tokenizer = _load_gguf_model(path), _load_gguf_tokenizer(path)
-                with atomic_folder(folder, False, ()) as tmp:
-                    model.save_pretrained(tmp)
-                    tokenizer.save_pretrained(tmp)
-    except (OSError, UserError):  # a read-only or full home: load from the GGUF every time instead
+                # a damaged GGUF is one line from here; a cache that cannot be written is skipped
+                model, tokenizer = _gguf_load(path, _load_gguf_model), _gguf_load(path, _load_gguf_tokenizer)
+                if not _cached(folder, model, tokenizer):
+                    return None
+    except OSError:  # a read-only or full home: load from the GGUF every time instead
         return None
     return folder
+
+
+def _cached(folder: Path, model, tokenizer) -> bool:
+    """Save a dequantized model into the cache; False where it cannot be written."""
+    from .outputs import atomic_folder
+
+    try:
+        with atomic_folder(folder, False, ()) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except (OSError, UserError):
+        return False
+    return True
+
+
+def _gguf_load(path: Path, load: Callable):
+    """load(path), a GGUF that transformers cannot read being one line (a damaged or foreign file)."""
+    try:
+        return load(path)
+    except loading_errors() as err:
+        raise UserError(f"cannot read {path} as a GGUF model: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _load_gguf_model(path: Path):
@@ -171,8 +226,11 @@ def _load_gguf_tokenizer(path: Path):
 
 
 def readable_location(path: Path) -> tuple[str, dict]:
-    """from_pretrained arguments for path, a GGUF read through its dequantized folder where there is one."""
+    """from_pretrained arguments for path, a GGUF read through its dequantized folder where there is
+    one; a folder's config.json is checked first (common/model_config.py)."""
     folder = dequantized(path) if is_gguf(path) else None
+    if (path / "config.json").is_file():
+        read_config(path)
     return (str(folder), {}) if folder else model_location(path)
 
 
@@ -193,8 +251,8 @@ def load_causal_lm(path: str | Path | None, dtype=None, attn_implementation: str
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(root, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from err
+    except loading_errors() as err:
+        raise UserError(f"cannot load a model from {path}: {_first_line(err)}") from err
     return (plain(model) if extra else model).eval()
 
 
@@ -205,8 +263,8 @@ def load_tokenizer(path: str | Path | None):
     try:
         # trust_remote_code as in load_causal_lm: a converted folder's auto_map would otherwise prompt on stdin
         return AutoTokenizer.from_pretrained(root, trust_remote_code=True, **extra)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from err
+    except loading_errors() as err:
+        raise UserError(f"cannot load a tokenizer from {path}: {_first_line(err)}") from err
 
 
 def default_wikitext(split: str = "test") -> Path:

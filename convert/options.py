@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.errors import UserError
-from common.options import option
+from common.options import SEEDS, option, shard_size
 from models import LAYOUTS
 
 INITS = ("copy", "calibrated", "reconstruct")
+MIN_CALIB_TOKENS = 64  # one short sequence: fewer leave nothing to fit on
 # Measured on SmolLM2-135M (bench/results/reconstruct_lr_sweep_cuda.json): lr 1e-2 sequential fits
 # FusedKV/Lite/SkipV1 best, but moves CommonKV's SVD factors so far that step 0 is 9,821 (1e-3: 29.7)
 # and uptraining starts by diverging; every CommonKV layer changes, so independent fits beat
@@ -25,38 +26,34 @@ class ConvertOptions:
     init: str = option("copy", "initialization of what the layout changes", choices=INITS)
     skipv1_init: str = option("mean", "SkipV1 own value heads: mean with their partner, or as they are",
                               choices=("mean", "first"))
-    skipv1_own_heads: int | None = option(None, "SkipV1 own value heads per layer (none: kv_heads // 2)")
+    skipv1_own_heads: int | None = option(None, "SkipV1 own value heads per layer (none: kv_heads // 2)", at_least=0)
     skipv1_heads: str = option("first", "SkipV1 own heads: the first ones, or chosen by calibration",
                                choices=("first", "auto"))
-    storage_layers: int | None = option(None, "FusedKV layers that store K/V (none: ceil(layers / 2))")
-    commonkv_ratio: float = option(0.5, "CommonKV cached bytes / the source's, in (0, 1]")
-    commonkv_group_size: int | None = option(None, "CommonKV adjacent layers per shared latent (none: floor(1 / ratio))")
+    storage_layers: int | None = option(None, "FusedKV layers that store K/V (none: ceil(layers / 2))", at_least=1)
+    commonkv_ratio: float = option(0.5, "CommonKV cached bytes / the source's", above=0, at_most=1)
+    commonkv_group_size: int | None = option(None, "CommonKV adjacent layers per shared latent (none: floor(1 / ratio))",
+                                             at_least=1)
     commonkv_rank_split: str = option("adaptive", "CommonKV ranks: from hidden-state similarity on calibration text, "
                                   "or equal per layer", choices=("adaptive", "uniform"))
     calib_text: str | None = option(None, "calibration text (none: the shipped WikiText-2 validation split)")
-    calib_tokens: int = option(16384, "calibration tokens")
-    reconstruct_steps: int = option(150, "Adam steps per layer for the reconstruct init")
-    reconstruct_lr: float | None = option(None, "Adam learning rate for reconstruct (none: 1e-2; CommonKV 1e-3)")
+    calib_tokens: int = option(16384, "calibration tokens (the whole text when it holds fewer)", at_least=MIN_CALIB_TOKENS)
+    reconstruct_steps: int = option(150, "Adam steps per layer for the reconstruct init (0: the calibrated fit)",
+                                    at_least=0)
+    reconstruct_lr: float | None = option(None, "Adam learning rate for reconstruct (none: 1e-2; CommonKV 1e-3)",
+                                          above=0)
     reconstruct_mode: str | None = option(None, "reconstruct layers one after the other on the converted layers' "
                                           "outputs, or each on the source's (none: sequential; CommonKV independent)",
                                           choices=(None, "sequential", "independent"))
-    seed: int = option(0, "seed for reconstruct")
+    seed: int = option(0, "seed for reconstruct", at_least=0, below=SEEDS)
     device: str = option("auto", "where calibration and reconstruct run (auto: a GPU if there is one)",
                          choices=("auto", "cpu", "cuda"))
     dtype: str | None = option(None, "output dtype (none: the source's)", choices=(None, "float32", "bfloat16", "float16"))
-    max_shard_size: str = option("5GB", "largest output shard, e.g. 2GB")
+    max_shard_size: str = option("5GB", "largest output shard, e.g. 2GB (a larger tensor gets a shard of its own)")
     dry_run: bool = option(False, "print the plan, write nothing")
     force: bool = option(False, "replace an output folder that an earlier conversion wrote")
 
     def check(self) -> None:
-        for name in ("calib_tokens", "reconstruct_steps", "seed", "storage_layers", "skipv1_own_heads",
-                     "commonkv_group_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.reconstruct_lr is not None and not self.reconstruct_lr > 0:
-            raise UserError(f"reconstruct_lr must be > 0, got {self.reconstruct_lr:g}")
-        if not 0 < self.commonkv_ratio <= 1:
-            raise UserError(f"commonkv_ratio is the cached bytes kept, a fraction in (0, 1]; got {self.commonkv_ratio:g}")
+        shard_size("max_shard_size", self.max_shard_size)
         if self.layout == "commonkv" and self.init == "calibrated":
             raise UserError("commonkv has no closed-form calibrated fit: use --init copy (its SVD) or reconstruct")
         if self.skipv1_heads == "auto" and self.init == "copy":

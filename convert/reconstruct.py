@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from common.console import progress
+from common.errors import UserError
 from common.outputs import stage_prefix
 from models.layout_tensors import adapting_modules, attn_key, module_of
 
@@ -194,6 +195,9 @@ def _fit_layer(layer, i, role, params, layer_input, source, ctx, shared_kv, opti
         bar.advance(task)
     with torch.no_grad():
         after = error().item()
+        if not math.isfinite(after):  # the learning rate, not the source: the fit started finite
+            raise UserError(f"reconstruct diverged on layer {i} at --reconstruct-lr {options.lr:g} (its error went "
+                            f"from {before:.3g} to {after}); lower --reconstruct-lr")
         if after > before:  # never hand back a layer worse than its starting point
             for p, saved in zip(params, initial):
                 p.copy_(saved)

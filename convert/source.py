@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 import numpy as np
 
 from common.errors import UserError
-from common.sources import is_gguf
+from common.model_config import read_config
+from common.sources import is_gguf, loading_errors
 from models import SUPPORTED_SOURCE_TYPES
 
 from .dtypes import ITEMSIZE, NAMES, TORCH_NAMES
@@ -111,7 +112,7 @@ class TensorEntry(NamedTuple):
 class SafetensorsSource(TensorSource):
     def __init__(self, folder: Path):
         self.folder = folder
-        self.raw_config = _read_config(folder)
+        self.raw_config = read_config(folder)
         self.model_type = self.raw_config.get("model_type")
         index = folder / "model.safetensors.index.json"
         if index.is_file():
@@ -151,7 +152,7 @@ class SafetensorsSource(TensorSource):
 
         try:
             return AutoConfig.from_pretrained(str(self.folder))
-        except (ValueError, KeyError, OSError) as err:
+        except loading_errors() as err:
             raise UserError(f"cannot read {self.folder / 'config.json'}: {str(err).splitlines()[0]}") from err
 
     @functools.cached_property
@@ -306,25 +307,15 @@ def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise UserError(f"{folder} has no config.json")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from err
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err}") from err
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a JSON object of config fields")
-    return config
-
-
 def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, TensorEntry]]:
     """Parse and check a shard header: known dtypes, byte ranges inside the file that match the shapes
     and do not overlap. Tensors come in file order."""
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            fh.read(1)  # a file that cannot be read says so here, before any output exists
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from err
     try:
         with path.open("rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")

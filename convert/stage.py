@@ -12,17 +12,18 @@ from typing import TYPE_CHECKING
 
 from common.console import console, progress
 from common.errors import UserError
-from common.outputs import atomic_folder, claim_target
+from common.options import parse_size
+from common.outputs import atomic_folder, check_output_path, check_outside_inputs, claim_target
 from common.sources import default_wikitext, is_gguf, load_tokenizer, resolve_model_path
 from models import AUTO_MAP, MODEL_TYPE, write_model_code
 from models.kv_layout import source_fields
 
 from .dtypes import ITEMSIZE, NAMES, TORCH_NAMES
-from .options import ConvertOptions
+from .options import MIN_CALIB_TOKENS, ConvertOptions
 from .plan import Plan, TargetConfig, build_plan, mark_fitted, materialize, stream
 from .report import dry_run_table, fit_table, kv_bytes_per_token, manifest
 from .source import TensorSource, open_source
-from .writer import open_shards, parse_size
+from .writer import open_shards
 
 if TYPE_CHECKING:  # torch and the models come in only where a conversion computes (a copy needs neither)
     import torch
@@ -76,8 +77,8 @@ def calibration_ids(source_path: Path, opts: ConvertOptions) -> torch.Tensor:
         raise UserError(f"calibration text {path} is not UTF-8 text (at byte {err.start}); save it as UTF-8") from err
     ids = load_tokenizer(source_path)(text)["input_ids"]
     n = min(opts.calib_tokens, len(ids))
-    if n < 64:
-        raise UserError(f"calibration text {path} has only {len(ids)} tokens; give at least 64")
+    if n < MIN_CALIB_TOKENS:  # --calib-tokens itself is at least this (options.py): the text is too short
+        raise UserError(f"calibration text {path} has only {len(ids)} tokens; give at least {MIN_CALIB_TOKENS}")
     seq = min(512, n)
     return torch.tensor(ids[: n // seq * seq]).view(-1, seq)
 
@@ -176,10 +177,11 @@ def default_out(source_path: Path, opts: ConvertOptions) -> Path:
     return Path("checkpoints") / f"{stem}-{opts.layout}-{variant}"
 
 
-def check_output(out: Path, source_path: Path, nbytes: int) -> None:
-    src_dir = (source_path if source_path.is_dir() else source_path.parent).resolve()
-    if out.resolve() == src_dir or src_dir in out.resolve().parents:
-        raise UserError(f"output {out} is inside the input folder {src_dir}; choose another --out")
+def check_output(out: Path, source_path: Path, opts: ConvertOptions, nbytes: int) -> None:
+    """Refuse, before any work, an output inside an input or one that cannot be made, and a disk without room."""
+    check_outside_inputs(out, {"folder": source_path if source_path.is_dir() else source_path.parent,
+                               "calibration text": opts.calib_text})
+    check_output_path(out)
     probe = next(p for p in out.resolve().parents if p.exists())  # where the output's bytes will go
     free = shutil.disk_usage(probe).free
     if free < nbytes * 1.05:
@@ -218,7 +220,7 @@ def run(opts: ConvertOptions) -> Conversion:
     if opts.dry_run:
         dry_run_table(plan, source, dtype)
         return Conversion(None, opts, plan.param_count(), kv_bytes, [])
-    check_output(out, source_path, plan.param_count() * ITEMSIZE[dtype])
+    check_output(out, source_path, opts, plan.param_count() * ITEMSIZE[dtype])
     inputs = [source_path] + ([Path(opts.calib_text)] if opts.calib_text else [])
     claim_target(out, opts.force, MARKERS, inputs)  # before the fits: a refusal should not wait for them
     fit_report = []

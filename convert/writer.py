@@ -16,7 +16,6 @@ import errno
 import json
 import math
 import os
-import re
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -36,14 +35,6 @@ WRITE_BYTES = 256 << 10
 
 # bytes per copy_file_range call: large, as `cp` asks (it asks for everything at once)
 COPY_BYTES = 1 << 30
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not match:
-        raise UserError(f"cannot read size {text!r}; use e.g. 500MB or 5GB")
-    number, unit = float(match.group(1)), match.group(2).rstrip("B").rstrip("I")
-    return int(number * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[unit])
 
 
 def layout_shards(entries: list[tuple[str, tuple[int, ...]]], dtype: str, max_bytes: int) -> list[list]:

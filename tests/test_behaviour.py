@@ -126,8 +126,8 @@ def test_agreement_below_min_agreement_fails_with_exit_1(make_source, cli, text_
     pytest.param(["--behaviour-prompts", "prompts.csv"], "give a .txt file", id="not-txt-or-jsonl"),
     pytest.param(["--behaviour-prompts", "no-field.jsonl"], 'line 2 has no "prompt" text', id="jsonl-without-prompt"),
     pytest.param(["--behaviour-prompts", "broken.jsonl"], "line 1 is not JSON", id="jsonl-not-json"),
-    pytest.param(["--behaviour-tokens", 0], "--behaviour-tokens 0 must be at least 1", id="no-tokens"),
-    pytest.param(["--min-agreement", 1.5], "--min-agreement 1.5 must be a fraction", id="agreement-above-1"),
+    pytest.param(["--behaviour-tokens", 0], "behaviour_tokens must be >= 1, got 0", id="no-tokens"),
+    pytest.param(["--min-agreement", 1.5], "min_agreement must be >= 0 and <= 1, got 1.5", id="agreement-above-1"),
     pytest.param(["--behaviour-tokens", 600], "more than the source's max_position_embeddings 512",
                  id="past-max-positions"),
 ])

@@ -1,6 +1,8 @@
 """run.py generate: the source's own text, reproducible, resumable, usable as kd data."""
 import json
 
+import pytest
+
 from common.sources import load_tokenizer
 from uptrain.data import prepare_data
 from uptrain.generate import GenerateOptions, run
@@ -41,7 +43,7 @@ def test_bad_input_is_one_line(cli, tmp_path, capsys):
     (tmp_path / "x.jsonl").write_text("{}\n")
     assert cli("generate", "--out", tmp_path / "x.jsonl") == 2
     err = capsys.readouterr().err
-    assert "prompts file" in err and "does not exist" in err and "--samples must be at least 1" in err
+    assert "prompts file" in err and "does not exist" in err and "samples must be >= 1, got 0" in err
     assert "exists; pass --force" in err and "Traceback" not in err
 
 
@@ -52,3 +54,24 @@ def test_generated_text_is_uptraining_data(make_source, tmp_path):
     store = prepare_data(recipe, load_tokenizer(source)).stores[0]
     eos = load_tokenizer(source).eos_token_id
     assert (store.tokens == eos).sum() == 8  # eight documents, each closed by EOS
+
+
+@pytest.mark.parametrize("case,message", [
+    ("out-a-folder", "is a folder; give the .jsonl file to write"),
+    ("out-under-a-file", "is a file, not a folder"),
+    ("out-inside-the-source", "is inside the input source"),
+    ("prompts-not-text", "is not UTF-8 text"),
+])
+def test_bad_outputs_and_prompts_are_refused_before_generating(case, message, make_source, cli, tmp_path, capsys):
+    source = make_source()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "prompts.txt").write_bytes(bytes(range(128, 256)) * 4)
+    out = {"out-a-folder": tmp_path / "folder", "out-under-a-file": tmp_path / "afile" / "g.jsonl",
+           "out-inside-the-source": source / "g.jsonl"}.get(case, tmp_path / "g.jsonl")
+    extra = ["--prompts", tmp_path / "prompts.txt"] if case == "prompts-not-text" else []
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert cli("generate", "--source", source, "--out", out, "--force", "--samples", 2, "--tokens", 2, *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before

@@ -123,7 +123,7 @@ def test_validate_reports_passkey_through_the_candidates_shared_cache(make_sourc
     pytest.param(["--passkey-lengths", "128,1024"], "--passkey-lengths 1024 is longer than the source's "
                  "max_position_embeddings 512", id="past-max-positions"),
     pytest.param(["--passkey-depths", "0.5,1.5"], "--passkey-depths within [0, 1]", id="depth-outside-0-1"),
-    pytest.param(["--passkey", "--passkey-trials", 0], "--passkey-trials >= 1", id="no-trials"),
+    pytest.param(["--passkey", "--passkey-trials", 0], "passkey_trials must be >= 1, got 0", id="no-trials"),
     pytest.param(["--passkey-lengths", "128,x"], "must be numbers separated by commas", id="not-a-number"),
     pytest.param(["--passkey-lengths", "40"], "--passkey-lengths 40 leaves no room for filler text", id="too-short"),
 ])

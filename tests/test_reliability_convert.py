@@ -4,6 +4,7 @@ The promise under test: a user mistake prints one line and exits with code 2, an
 half-written is ever left behind; the user's own files are never touched.
 """
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -250,3 +251,43 @@ def test_command_line_errors_are_one_line(argv, message, cli, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+
+
+# --- issue 33: what still gave a traceback or a wrong line
+
+def null_hidden_size(tmp_path, src):
+    config = json.loads((src / "config.json").read_text())
+    config["hidden_size"] = None
+    (src / "config.json").write_text(json.dumps(config))
+    return ["--source", src, "--out", tmp_path / "out"], "config.json: hidden_size must be an integer, got None"
+
+
+def dangling_out(tmp_path, src):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    return ["--source", src, "--out", tmp_path / "link"], "is a link to"
+
+
+def out_under_a_file(tmp_path, src):
+    (tmp_path / "afile").write_text("mine")
+    return ["--source", src, "--out", tmp_path / "afile" / "sub"], "is a file, not a folder"
+
+
+def gguf_garbage(tmp_path, src):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    return ["--source", tmp_path / "bad.gguf", "--out", tmp_path / "out"], "cannot read"
+
+
+def huge_reconstruct_lr(tmp_path, src):
+    return (["--source", src, "--out", tmp_path / "out", "--init", "reconstruct", "--calib-tokens", 128,
+             "--reconstruct-steps", 2, "--reconstruct-lr", "1e30"], "reconstruct diverged on layer 2 at --reconstruct-lr 1e+30")
+
+
+@pytest.mark.parametrize("case", [null_hidden_size, dangling_out, out_under_a_file, gguf_garbage, huge_reconstruct_lr],
+                         ids=lambda case: case.__name__)
+def test_faults_found_in_round_two_are_one_line(case, make_source, cli, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KVSHARE_CACHE", str(tmp_path / "cache"))  # a GGUF's dequantized copy would go there
+    argv, message = case(tmp_path, make_source())
+    before = snapshot(tmp_path)
+    assert cli("convert", *argv) == 2
+    assert message in error_line(capsys)
+    assert snapshot(tmp_path) == before

@@ -1,6 +1,6 @@
-"""uptrain's fault catalogue (issue 18): each fault a user can hit, the one line it gets, and what is
+"""uptrain's fault catalogue (issues 18, 33): each fault a user can hit, the one line it gets, and what is
 left on disk. Tiny models; DeepSpeed on the CPU."""
-import errno
+import json
 import shutil
 
 import pytest
@@ -131,50 +131,63 @@ def test_resume_checks_the_recipe_and_the_checkpoints(recipe, cli, tmp_path, cap
     assert code == 0 and (run / "final" / "config.json").is_file()  # the half-written line is dropped
 
 
-def test_full_disk_at_a_checkpoint_keeps_the_previous_one(recipe, cli, tmp_path, capsys, monkeypatch):
-    import deepspeed
+# A full disk and unwritable folders at every write: tests/test_real_write_failures.py (real failures, not mocks)
 
-    real_save = deepspeed.DeepSpeedEngine.save_checkpoint
 
-    def full_at_step4(engine, folder, tag=None, **kwargs):
-        if tag == "step4":
-            (tmp_path / "run" / "checkpoints" / "step4").mkdir()
-            (tmp_path / "run" / "checkpoints" / "step4" / "half.pt").write_bytes(b"x")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(engine, folder, tag=tag, **kwargs)
-
-    monkeypatch.setattr(deepspeed.DeepSpeedEngine, "save_checkpoint", full_at_step4)
-    assert cli("uptrain", "--config", recipe(save_every=2)) == 2
+def test_a_resume_refuses_other_data_or_other_tokens(recipe, cli, tmp_path, capsys, train_text):
+    """The data file rewritten in place, same path and size: resuming would train on a mix of two texts.
+    And a token store whose tokens are not the ones the run started on (run.json's count and hash)."""
+    path = recipe(budget={"steps": 2}, save_every=1)
+    assert cli("uptrain", "--config", path) == 0
+    text, saved = train_text.read_text(), (tmp_path / "run" / "run.json").read_text()
+    train_text.write_text(text[len(text) // 2:] + text[: len(text) // 2])  # the same bytes, other sequences
+    capsys.readouterr()
+    assert cli("uptrain", "--config", path, "--resume-from", "step1") == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--resume: data" in line and str(train_text) in line and "changed since the run started" in line
+    train_text.write_text(text)  # restored, with a new modification time: a new store of the same tokens
+    run = json.loads(saved)
+    run["inputs"][0]["sha256"] = "0" * 64  # as if the run had started on other tokens of the same files
+    (tmp_path / "run" / "run.json").write_text(json.dumps(run))
+    assert cli("uptrain", "--config", path, "--resume-from", "step1") == 2
     err = capsys.readouterr().err
-    assert "disk full while writing" in err and "--resume" in err
-    assert run_dir_state(tmp_path / "run") == (["step2"], "step2")
+    assert "--resume: the token store of data" in err and "the run started on" in err and "Traceback" not in err
+    (tmp_path / "run" / "run.json").write_text(saved)
+    assert cli("uptrain", "--config", path, "--resume-from", "step1") == 0
 
 
-def test_full_disk_at_the_export_loses_nothing(recipe, cli, tmp_path, capsys, monkeypatch):
-    from convert import writer
-
-    def full(*args):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(writer, "_pwrite_all", full)
-        assert cli("uptrain", "--config", recipe()) == 2
-    assert "disk full while writing" in capsys.readouterr().err
-    run = tmp_path / "run"
-    assert not (run / "final").exists() and not list(run.glob(".final.partial-*"))
-    assert run_dir_state(run)[1] == "step6"  # the trained weights are in the last checkpoint
-    assert cli("uptrain", "--config", recipe(), "--resume") == 0  # which exports again
-    assert (run / "final" / "model.safetensors").is_file()
+def test_the_control_arm_of_a_plain_model_is_that_model(recipe, cli, tmp_path, capsys, make_source):
+    """A model that is no conversion is its own source: never the embedded SmolLM2 in its place."""
+    plain = make_source("plain", layers=2)
+    assert cli("uptrain", "--config", recipe(budget={"steps": 1}), "--set", f"model={plain}", "--control-arm") == 0
+    assert f"control arm: {plain}" in capsys.readouterr().err
+    exported = json.loads((tmp_path / "run-control" / "final" / "config.json").read_text())
+    assert exported["num_hidden_layers"] == 2 and exported["hidden_size"] == 32
+    assert cli("uptrain", "--config", recipe(), "--set", f"model={plain}", "--set", "loss=kd") == 2
+    assert "is not a conversion (no conversion.json): set source to the teacher" in capsys.readouterr().err
 
 
-def test_unwritable_run_folder_is_one_line(recipe, cli, tmp_path, capsys, monkeypatch):
-    def denied(self, *args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", str(self))
-
-    monkeypatch.setattr(run_folder.Path, "mkdir", denied)
-    assert cli("uptrain", "--config", recipe()) == 2
+@pytest.mark.parametrize("where,message", [
+    ("out-in-model", "out {model}/run is inside the input model"),
+    ("cache-in-model", "token_cache {model}/tokens is inside the input model"),
+    ("out-in-data", "is inside the input data"),
+    ("out-under-a-file", "is a file, not a folder"),
+    ("cache-a-file", "token_cache: {tmp}/afile is a file, not an output folder"),
+])
+def test_outputs_inside_an_input_or_a_file_are_refused(where, message, recipe, cli, tmp_path, capsys, converted):
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some text\n")
+    overrides = {"out-in-model": {"out": f"{converted}/run"}, "cache-in-model": {"token_cache": f"{converted}/tokens"},
+                 "out-in-data": {"data": str(tmp_path / "corpus"), "out": str(tmp_path / "corpus" / "run")},
+                 "out-under-a-file": {"out": str(tmp_path / "afile" / "run")},
+                 "cache-a-file": {"token_cache": str(tmp_path / "afile")}}[where]
+    before = sorted(p.name for p in converted.iterdir())
+    assert cli("uptrain", "--config", recipe(**overrides)) == 2
     err = capsys.readouterr().err
-    assert "cannot write" in err and "permission denied" in err and "Traceback" not in err
+    assert message.format(model=converted, tmp=tmp_path) in err and "Traceback" not in err
+    assert sorted(p.name for p in converted.iterdir()) == before and (tmp_path / "afile").read_text() == "mine"
+    assert not (tmp_path / "run").exists() and sorted(p.name for p in (tmp_path / "corpus").iterdir()) == ["a.txt"]
 
 
 def test_export_refuses_non_finite_weights(converted):

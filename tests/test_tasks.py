@@ -155,7 +155,7 @@ def error_line(capsys) -> str:
     ("hub-unreachable", "task hubqa: its data cannot be read (Couldn't reach 'kvshare-test/no-such-dataset' on the Hub"),
     ("missing-file", "task tinyqa: its data cannot be read"),
     ("drop-without-tasks", "--max-accuracy-drop needs --tasks"),
-    ("bad-drop", "--max-accuracy-drop 5.0 must be a fraction in [0, 1]"),
+    ("bad-drop", "max_accuracy_drop must be >= 0 and <= 1, got 5.0"),
     ("no-lm-eval", "--tasks needs lm-evaluation-harness: run `.venv/bin/pip install lm-eval==0.4.13`"),
 ])
 def test_bad_tasks_exit_2_in_one_line_before_any_model_loads(case, message, make_source, cli, task_dir, text_file,

@@ -105,6 +105,23 @@ def test_jsonl_that_is_not_utf8_is_one_line(tmp_path, tokenizer):
         build(tmp_path, tokenizer, str(tmp_path / "bad.jsonl"))
 
 
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.txt", b"", "holds no text"),
+    ("empty.jsonl", b"", "holds no text"),
+    ("binary.txt", bytes(range(128, 256)) * 8, "is not UTF-8 text"),
+    ("invalid.jsonl", b'{"text": "a"}\n{not json\n', "JSON parse error"),
+    ("invalid.csv", b'text,b\n1,2,3\n"x\n', "cannot read data"),
+])
+def test_bad_data_files_say_why_and_leave_no_lock(tmp_path, tokenizer, capsys, name, content, message):
+    """Not datasets' "An error occurred while generating the dataset", and no zero-byte lock beside the stores."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=message) as refused:
+        build(tmp_path, tokenizer, str(tmp_path / name))
+    assert "generating the dataset" not in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "cache").exists()  # no store, no .lock, not even the folder made for them
+    assert capsys.readouterr().err == ""  # datasets' own logging of the reason is kept quiet
+
+
 def test_data_mappings_and_mixtures_parse():
     specs = parse_specs([{"path": "web.jsonl", "weight": 0.7}, {"path": "org/code", "name": "python", "weight": "0.3"}])
     assert [(s.path, s.weight, s.name) for s in specs] == [("web.jsonl", 0.7, None), ("org/code", 0.3, "python")]

@@ -203,7 +203,7 @@ def test_warmup_trains_what_reconstruct_fits(make_source, cli, tmp_path, layout)
     ({"global_batch": 7}, "global_batch 7"),
     ({"zero_stage": 4}, "zero_stage"),
     ({"loss": "mse"}, "unknown loss 'mse'; choose one of lm, kd, lm+kd"),
-    ({"export_at": [0]}, "export_at must list steps >= 1"),
+    ({"export_at": [0]}, "export_at must be >= 1, got 0"),
     ({"export_at": [3, 200]}, "export_at step 200 is past the run's 6 steps"),
     ({"export_at": [2], "blend_steps": 5}, "export_at step 2 is inside the blend ramp"),
 ])

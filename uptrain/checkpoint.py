@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import re
 import shutil
@@ -11,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from common.errors import UserError
-from common.outputs import atomic_folder, os_error_line
+from common.options import parse_size
+from common.outputs import atomic_folder, os_error_line, swap_in
 from convert.dtypes import NAMES
-from convert.writer import open_shards, parse_size
+from convert.writer import open_shards
 
 TAG = re.compile(r"^step(\d+)$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,22 +42,63 @@ def saved_tags(folder: Path) -> list[str]:
     return [name for _, name in found]
 
 
+class FileObjectEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, writing through a Python file object: torch's own file
+    writer reports a full disk as a RuntimeError without its errno ("unexpected pos"), a Python
+    write raises the OSError that says what happened (torch chains it)."""
+
+    def save(self, state_dict, path: str) -> None:
+        with open(path, "wb") as fh:
+            torch.save(state_dict, _Writer(fh), _use_new_zipfile_serialization=self.zipfile_serialization)
+
+
+class _Writer:
+    """A file without a fileno(): torch then writes through write() instead of the descriptor."""
+
+    def __init__(self, fh):
+        self.write, self.flush = fh.write, fh.flush
+
+
 def save(engine, folder: Path, step: int, keep_last: int, extra: dict) -> None:
-    """Save a resumable checkpoint after `step` steps; keep only the newest keep_last. A failed save
-    (a full disk) removes its own half-written folder and leaves `latest` on the previous one."""
+    """Save a resumable checkpoint after `step` steps; keep only the newest keep_last.
+
+    Every rank writes into a staging folder (`.stepN.saving`), renamed to stepN once whole, and only
+    then is `latest` rewritten (atomically): a failed save (a full disk) removes its own half-written
+    folder, leaves `latest` on the previous checkpoint and never touches a stepN saved before (a
+    resume from an earlier tag saves it again)."""
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = FileObjectEngine(engine._config)
     tag = f"step{step}"
+    staged = folder / f".{tag}.saving"
+    rank0 = dist.get_rank() == 0
+    if rank0:  # what a killed save left: the run folder is locked, no one else writes it
+        shutil.rmtree(staged, ignore_errors=True)
     try:
-        engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step, "rng": rng_state(), **extra})
-    except OSError as err:
-        shutil.rmtree(folder / tag, ignore_errors=True)
+        engine.save_checkpoint(str(folder), tag=staged.name, client_state={"step": step, "rng": rng_state(), **extra},
+                               save_latest=False)
+        if rank0:
+            swap_in(staged, folder / tag)
+            _write_latest(folder, tag)
+    except Exception as err:
+        shutil.rmtree(staged, ignore_errors=True)
         line = os_error_line(err, folder / tag)
         if line is None:
             raise
         raise UserError(f"{line}; the run can resume from its last checkpoint with --resume") from err
-    if dist.get_rank() == 0:
+    if rank0:
         for old in saved_tags(folder)[:-keep_last]:
             shutil.rmtree(folder / old, ignore_errors=True)
     dist.barrier()
+
+
+def _write_latest(folder: Path, tag: str) -> None:
+    """`latest` names tag, or (if the write fails) still the tag it named before."""
+    staged = folder / ".latest.tmp"
+    try:
+        staged.write_text(tag)
+        os.replace(staged, folder / "latest")
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def resume(engine, folder: Path, tag: str | None = None) -> dict | None:

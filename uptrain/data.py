@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from common.errors import UserError
 
 from .recipe import Recipe
 from .sampler import StepSampler, apportion
-from .token_store import TokenStore, prepare
+from .token_store import TokenStore, content_fingerprint, prepare, tokens_hash
 
 
 @dataclass
@@ -29,6 +29,8 @@ class TrainData:
     train_sizes: list[int]  # sequences of each store that training draws from
     eval_sequences: torch.Tensor  # (n, seq_len), held out
     seq_len: int
+    eval_specs: list[DataSpec] = field(default_factory=list)  # eval_data's, when given
+    eval_stores: list[TokenStore] = field(default_factory=list)
 
     def sampler(self, recipe: Recipe, world_size: int) -> StepSampler:
         return StepSampler(self.train_sizes, [s.weight for s in self.specs], recipe.micro_batch, recipe.grad_accum,
@@ -37,6 +39,13 @@ class TrainData:
     def batch(self, slots: list[tuple[int, int]]) -> torch.Tensor:
         """The micro-batch of (source, sequence) slots, as int64 token ids."""
         return torch.stack([torch.from_numpy(self.stores[c].sequences([i], self.seq_len)[0]) for c, i in slots])
+
+    def inputs(self) -> list[dict]:
+        """What the run reads, by content: each source's files (content_fingerprint) and its token
+        store's count and hash; run.json holds them from the start and a resume must find them equal."""
+        return [{"data": spec.path, "content": content_fingerprint(spec), "tokens": len(store.tokens),
+                 "sha256": tokens_hash(store)}
+                for spec, store in zip(self.specs + self.eval_specs, self.stores + self.eval_stores)]
 
     def describe(self) -> str:
         parts = [f"{s.path} ({n:,} sequences{f', weight {s.weight:g}' if len(self.specs) > 1 else ''})"
@@ -65,31 +74,42 @@ def too_small(spec: DataSpec, store: TokenStore, seq_len: int, need: int) -> Use
                      f"of seq_len={seq_len}, fewer than the {need} it needs; give more text or a shorter seq_len")
 
 
+def train_specs(recipe: Recipe) -> list[DataSpec]:
+    return parse_specs(recipe.data)
+
+
+def eval_specs(recipe: Recipe) -> list[DataSpec]:
+    """eval_data's specs (their default split is test), none without eval_data."""
+    return parse_specs(recipe.eval_data, split="test") if recipe.eval_data is not None else []
+
+
 def prepare_data(recipe: Recipe, tokenizer, train_tokens: int | None = None) -> TrainData:
     """Token stores for data and eval_data (built once, on the first rank of each node), sizes checked."""
-    specs = parse_specs(recipe.data)
+    specs = train_specs(recipe)
     stores = stores_of(specs, tokenizer, recipe, stream_caps(specs, train_tokens, recipe.eval_tokens))
     n_eval = max(1, recipe.eval_tokens // recipe.seq_len)
     counts = [store.sequence_count(recipe.seq_len) for store in stores]
     if recipe.eval_data is not None:
-        eval_specs = parse_specs(recipe.eval_data, split="test")
-        eval_stores = stores_of(eval_specs, tokenizer, recipe, [recipe.eval_tokens * 2 if s.streaming else None
-                                                                 for s in eval_specs])
+        held_out = eval_specs(recipe)
+        eval_stores = stores_of(held_out, tokenizer, recipe, [recipe.eval_tokens * 2 if s.streaming else None
+                                                              for s in held_out])
         train_sizes = counts
         starts = [0] * len(eval_stores)
         available = [store.sequence_count(recipe.seq_len) for store in eval_stores]
     else:
-        eval_specs, eval_stores = specs, stores
+        held_out, eval_stores = specs, stores
         held = [max(1, int(n * recipe.eval_fraction)) for n in counts]
         train_sizes = [n - h for n, h in zip(counts, held)]
         starts, available = train_sizes, held
     for spec, store, n in zip(specs, stores, train_sizes):
         if n < 1:
             raise too_small(spec, store, recipe.seq_len, 1 if recipe.eval_data is not None else 2)
-    for spec, store, n in zip(eval_specs, eval_stores, available):
+    for spec, store, n in zip(held_out, eval_stores, available):
         if n < 1:
             raise too_small(spec, store, recipe.seq_len, 1)
-    taken = [min(k, n) for k, n in zip(apportion([s.weight for s in eval_specs], n_eval), available)]
+    taken = [min(k, n) for k, n in zip(apportion([s.weight for s in held_out], n_eval), available)]
     eval_sequences = torch.cat([torch.from_numpy(store.sequences(range(start, start + k), recipe.seq_len))
                                 for store, start, k in zip(eval_stores, starts, taken) if k])
-    return TrainData(specs, stores, train_sizes, eval_sequences, recipe.seq_len)
+    separate = recipe.eval_data is not None
+    return TrainData(specs, stores, train_sizes, eval_sequences, recipe.seq_len, held_out if separate else [],
+                     eval_stores if separate else [])

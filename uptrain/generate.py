@@ -21,30 +21,27 @@ from pathlib import Path
 
 from common.console import console, progress
 from common.errors import UserError
-from common.options import option
+from common.outputs import check_output_path, check_outside_inputs, made_folder, user_os_error, user_os_errors
+from common.options import SEEDS, option
 
 
 @dataclass
 class GenerateOptions:
     out: str | None = option(None, "the .jsonl file to write ({\"text\": ...} per line)")
     source: str | None = option(None, "the model that writes (none: the embedded SmolLM2-135M)")
-    samples: int = option(1000, "texts to write")
-    tokens: int = option(256, "new tokens per text (fewer where the model ends it)")
+    samples: int = option(1000, "texts to write", at_least=1)
+    tokens: int = option(256, "new tokens per text (fewer where the model ends it); with the prompt, at most the "
+                              "model's positions", at_least=1)
     prompts: str | None = option(None, "a text file of prompts, one per line, used in turn "
                                        "(none: each text starts from one random token, as in LLM-QAT)")
-    temperature: float = option(1.0, "sampling temperature")
-    batch: int = option(16, "texts generated together")
-    seed: int = option(0, "seed of the random starts and the sampling")
+    temperature: float = option(1.0, "sampling temperature", above=0)
+    batch: int = option(16, "texts generated together", at_least=1)
+    seed: int = option(0, "seed of the random starts and the sampling", at_least=0, below=SEEDS)
     force: bool = option(False, "replace an existing out file")
 
     def check(self) -> None:
         if not self.out:
             raise UserError("give the file to write: --out FILE.jsonl")
-        for name in ("samples", "tokens", "batch"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise UserError(f"--temperature must be positive, got {self.temperature}")
 
 
 FLAGS = tuple(GenerateOptions.__dataclass_fields__)
@@ -61,7 +58,13 @@ def read_prompts(path: str) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"prompts file {path} does not exist")
-    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"prompts file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"cannot read prompts file {path}: {err.strerror}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompts file {path} holds no prompt (one per line)")
     return prompts
@@ -111,23 +114,63 @@ def done_batches(partial: Path, batch: int) -> int:
     return whole
 
 
-def run(options: GenerateOptions) -> Generated:
-    import torch
-
-    from common.sources import load_causal_lm, load_tokenizer
-
+def check_out(options: GenerateOptions, source: Path) -> Path:
+    """The file to write, refused in one line where it cannot or must not be written."""
     out = Path(options.out).expanduser()
+    check_outside_inputs(out, {"source": source, "prompts": options.prompts})
+    check_output_path(out, folder=False)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the .jsonl file to write")
     if out.exists() and not options.force:
         raise UserError(f"{out} exists; pass --force to replace it")
+    return out
+
+
+def check_positions(options: GenerateOptions, source: Path, prompts: list[str] | None, tokenizer) -> None:
+    """The longest prompt (or the one start token) and --tokens fit in the model's positions."""
+    from common.sources import max_positions
+
+    limit = max_positions(source)
+    longest = max((len(ids) for ids in tokenizer(prompts)["input_ids"]), default=1) if prompts else 1
+    if limit is not None and longest + options.tokens > limit:
+        raise UserError(f"--tokens {options.tokens} and a prompt of {longest} tokens need {longest + options.tokens} "
+                        f"positions, more than the model's max_position_embeddings {limit}; give fewer --tokens")
+
+
+def run(options: GenerateOptions) -> Generated:
+    """Write the samples to a .partial file beside out, renamed into place at the end: a full disk
+    removes it and is one line; an interruption keeps it for the next run to go on from."""
+    import torch
+
+    from common.sources import load_causal_lm, load_tokenizer, resolve_model_path
+
+    source = resolve_model_path(options.source)
+    out = check_out(options, source)
     prompts = read_prompts(options.prompts) if options.prompts else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(options.source)
-    model = load_causal_lm(options.source, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
+    tokenizer = load_tokenizer(source)
+    check_positions(options, source, prompts, tokenizer)
+    model = load_causal_lm(source, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = pad
     partial = out.with_name(out.name + ".partial")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with user_os_errors(out), made_folder(out.parent):
+        try:
+            new_tokens = _generate(options, model, tokenizer, prompts, partial, device, pad)
+            os.replace(partial, out)
+        except Exception as err:
+            if user_os_error(err):  # a full disk or a folder that cannot be written: nothing half-written is kept
+                partial.unlink(missing_ok=True)
+            raise
+    console.print(f"[green]wrote[/] {out}: {options.samples} texts from {options.source or 'the embedded SmolLM2-135M'}")
+    return Generated(out, options.samples, new_tokens)
+
+
+def _generate(options: GenerateOptions, model, tokenizer, prompts, partial: Path, device: str, pad: int) -> int:
+    """Every batch not yet in partial, appended to it; returns the new tokens written."""
+    import torch
+
     batches = -(-options.samples // options.batch)
     start = done_batches(partial, options.batch)
     if start:
@@ -150,6 +193,4 @@ def run(options: GenerateOptions) -> Generated:
             fh.write("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts))
             fh.flush()
             bar.update(task, advance=1)
-    os.replace(partial, out)
-    console.print(f"[green]wrote[/] {out}: {options.samples} texts from {options.source or 'the embedded SmolLM2-135M'}")
-    return Generated(out, options.samples, new_tokens)
+    return new_tokens

@@ -3,24 +3,51 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 from common.errors import UserError
+from common.outputs import user_os_errors
 
 
 class MetricsLog:
+    """metrics.jsonl: whole lines only, also when the disk fills up (a failed append is undone and
+    is one line naming the file)."""
+
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.exists():  # drop lines past the resumed step: they will be recomputed identically
             kept = [r for r in read_records(path) if r["step"] <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            staged = path.with_name(f".{path.name}.tmp")
+            try:
+                with user_os_errors(path):
+                    staged.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                    os.replace(staged, path)
+            finally:
+                staged.unlink(missing_ok=True)
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        with user_os_errors(self.path):
+            _append(self.path, (json.dumps(record) + "\n").encode())
 
     def records(self) -> list[dict]:
         return read_records(self.path)
+
+
+def _append(path: Path, data: bytes) -> None:
+    """data at the end of path, or (if a write fails) path as it was."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_records(path: Path) -> list[dict]:

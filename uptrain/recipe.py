@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import yaml
 
 from common.errors import UserError
-from common.options import as_float, as_int, load_options, option
+from common.data import parse_specs
+from common.options import SEEDS, as_float, as_int, load_options, named, option, shard_size
 
 
 @dataclass
@@ -22,67 +23,58 @@ class Recipe:
     data: str | dict | list = option("data/wikitext-2/valid.txt", "training text: a spec, or a list of "
                                      "{path, weight, ...} (common/data.py)")
     eval_data: str | dict | list | None = option(None, "held-out text (none: the last eval_fraction of each data source)")
-    eval_fraction: float = option(0.05, "share of each data source held out for evals")
-    eval_tokens: int = option(8192, "tokens per eval")
+    eval_fraction: float = option(0.05, "share of each data source held out for evals", above=0, below=1)
+    eval_tokens: int = option(8192, "tokens per eval", at_least=1)
     out: str | None = option(None, "run folder (none: runs/uptrain-<model name>; the control arm adds -control)")
     token_cache: str = option(".cache/tokens", "token stores; a path every node sees for a multi-node run")
-    seq_len: int = option(256, "tokens per sequence")
-    micro_batch: int = option(4, "sequences per rank per forward")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    global_batch: int | None = option(None, "if given, must equal micro_batch x grad_accum x world size")
+    seq_len: int = option(256, "tokens per sequence (at most the model's positions)", at_least=2)
+    micro_batch: int = option(4, "sequences per rank per forward", at_least=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", at_least=1)
+    global_batch: int | None = option(None, "if given, must equal micro_batch x grad_accum x world size", at_least=1)
     budget: dict = option(factory=lambda: {"steps": 100}, help="one of steps, tokens or fraction_of_pretraining "
                           "(with pretraining_tokens unless the source is the embedded SmolLM2)")
-    lr: float = option(1.5e-4, "peak learning rate")
-    min_lr_ratio: float = option(0.1, "final learning rate / peak (cosine schedule)")
-    warmup_steps: int = option(10, "linear learning-rate warm-up steps")
-    weight_decay: float = option(0.1, "AdamW weight decay")
+    lr: float = option(1.5e-4, "peak learning rate (a run that diverges stops in one line)", above=0)
+    min_lr_ratio: float = option(0.1, "final learning rate / peak (cosine schedule)", at_least=0, at_most=1)
+    warmup_steps: int = option(10, "linear learning-rate warm-up steps", at_least=0)
+    weight_decay: float = option(0.1, "AdamW weight decay", at_least=0)
     betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
-    grad_clip: float = option(1.0, "gradient-norm clip")
+    grad_clip: float = option(1.0, "gradient-norm clip (0: none)", at_least=0)
     zero_stage: int = option(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
     offload: bool = option(False, "ZeRO offload of optimizer state to CPU memory")
     activation_checkpointing: bool = option(False, "recompute activations in the backward pass")
     precision: str = option("auto", "auto = bf16 on a GPU, fp32 on a CPU", choices=("auto", "fp32", "bf16"))
     loss: str = option("lm", "next-token loss, distillation from the source, or both", choices=("lm", "kd", "lm+kd"))
-    kd_temperature: float = option(2.0, "distillation temperature")
-    kd_weight: float = option(0.5, "weight of kd in lm+kd")
-    warmup_new_params_steps: int = option(0, "steps that train only the layout's new parameters first")
+    kd_temperature: float = option(2.0, "distillation temperature", above=0)
+    kd_weight: float = option(0.5, "weight of kd in lm+kd", at_least=0, at_most=1)
+    warmup_new_params_steps: int = option(0, "steps that train only the layout's new parameters first", at_least=0)
     blend_steps: int = option(0, "progressive conversion: converted layers move from their source K/V to the "
-                                 "layout's over the first N steps (0 = off; uptrain/blend.py)")
+                                 "layout's over the first N steps (0 = off; uptrain/blend.py)", at_least=0)
     blend_schedule: str = option("linear", "how the layout's share t of the blended K/V rises to 1; switch: "
                                  "each layer takes the layout's K/V whole with probability t; layerwise: one "
                                  "layer after another, the top one first", choices=("linear", "cosine", "switch",
                                                                                    "layerwise"))
     control_arm: bool = option(False, "train the unconverted source with this recipe: the matched control")
-    seed: int = option(0, "seed of the data order and the initialization")
-    max_skipped_steps: int = option(3, "optimizer steps skipped for overflow in a row before the run stops")
-    save_every: int = option(50, "steps between checkpoints (the last step always saves)")
-    keep_last: int = option(2, "checkpoints kept")
-    eval_every: int = option(50, "steps between evals (step 0 always evals)")
-    log_every: int = option(1, "steps between metric lines")
+    seed: int = option(0, "seed of the data order and the initialization", at_least=0, below=SEEDS)
+    max_skipped_steps: int = option(3, "optimizer steps skipped for overflow in a row before the run stops",
+                                    at_least=0)
+    save_every: int = option(50, "steps between checkpoints (the last step always saves)", at_least=1)
+    keep_last: int = option(2, "checkpoints kept", at_least=1)
+    eval_every: int = option(50, "steps between evals (step 0 always evals)", at_least=1)
+    log_every: int = option(1, "steps between metric lines", at_least=1)
     export_dtype: str = option("auto", "exported weights' dtype (auto: the model checkpoint's)",
                                choices=("auto", "float32", "bfloat16", "float16"))
     export_max_shard_size: str = option("5GB", "largest exported shard")
     export_at: tuple[int, ...] = option((), "steps after which the model is also exported, to exports/stepN "
-                                            "(quality per compute: each one judged by validate)")
+                                            "(quality per compute: each one judged by validate)", at_least=1)
 
     def check(self) -> None:
         self.betas = typed_betas(self.betas)
         self.budget = typed_budget(self.budget)
-        positive = {"seq_len": self.seq_len, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "lr": self.lr,
-                    "save_every": self.save_every, "eval_every": self.eval_every, "keep_last": self.keep_last}
-        for name, value in positive.items():
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise UserError(f"recipe key {name} must be positive, got {value!r}")
-        for key in ("tokens", "steps", "fraction_of_pretraining"):
-            if key in self.budget and not (isinstance(self.budget[key], (int, float)) and self.budget[key] > 0):
-                raise UserError(f"budget {key} must be a positive number, got {self.budget[key]!r}")
-        if not 0 < self.eval_fraction < 1:
-            raise UserError("eval_fraction must be between 0 and 1")
-        if any(step < 1 for step in self.export_at):
-            raise UserError(f"recipe key export_at must list steps >= 1, got {list(self.export_at)}")
-        for name in ("max_skipped_steps", "blend_steps", "warmup_new_params_steps"):
-            if getattr(self, name) < 0:
-                raise UserError(f"recipe key {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("data", "eval_data"):  # a spec's shape is checked here; whether its files exist, by the run
+            if getattr(self, name) is not None:
+                with named(name):
+                    parse_specs(getattr(self, name))
+        shard_size("export_max_shard_size", self.export_max_shard_size)
 
 
 # Keys a resume may change: none of them decides the data order, the model or the optimizer.
@@ -110,7 +102,11 @@ def typed_budget(budget) -> dict:
     unknown = set(budget) - set(kinds)
     if unknown:
         raise UserError(f"unknown budget key {sorted(unknown)[0]!r}")
-    return {k: kinds[k](f"budget {k}", v) for k, v in budget.items()}
+    typed = {k: kinds[k](f"budget {k}", v) for k, v in budget.items()}
+    for key, value in typed.items():
+        if not value > 0:
+            raise UserError(f"budget {key} must be a positive number, got {budget[key]!r}")
+    return typed
 
 
 def as_written(recipe: Recipe) -> dict:

@@ -1,8 +1,11 @@
 """The run folder: one run writes it at a time, and a resume continues the same run.
 
-``recipe.yaml`` and ``run.json`` (world size) are written when a run starts and never by a
-resume, which is checked against them first: a changed key that decides the data order, the model
-or the optimizer is refused by name. ``.lock`` is held (flock) by the writing process.
+``recipe.yaml`` and ``run.json`` (world size; each data source's content fingerprint and its token
+store's count and hash) are written when a run starts and never by a resume, which is checked
+against them first: a changed key that decides the data order, the model or the optimizer is
+refused by name, and so is data whose content changed (a file rewritten in place keeps its path and
+may keep its size) or a token store that holds other tokens. ``.lock`` is held (flock) by the
+writing process.
 """
 from __future__ import annotations
 
@@ -20,12 +23,16 @@ import yaml
 from common.errors import UserError
 from common.outputs import user_os_errors
 
+from .data import eval_specs, train_specs
 from .recipe import Recipe, changed_keys
+from .token_store import content_fingerprint
 
 
 @contextlib.contextmanager
 def locked(run_dir: Path) -> Iterator[None]:
-    """Hold run_dir's lock for the block; a second run on the same folder is refused in one line."""
+    """Hold run_dir's lock for the block; a second run on the same folder is refused in one line. A
+    run that fails before it wrote anything takes the folder it made away again."""
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     with user_os_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         handle = (run_dir / ".lock").open("a+")
@@ -42,20 +49,33 @@ def locked(run_dir: Path) -> Iterator[None]:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
         yield
+    except BaseException:
+        if made and [p.name for p in run_dir.iterdir()] == [".lock"]:
+            (run_dir / ".lock").unlink()
+            for folder in made:  # innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
     finally:
         handle.close()  # closing releases the lock
 
 
-def check_resume(run_dir: Path, recipe: Recipe, world_size: int) -> None:
-    """Refuse a resume whose recipe or world size differs where the run depends on it."""
-    saved = run_dir / "recipe.yaml"
-    if not saved.is_file():
-        return  # nothing was started here: the run starts from step 0
+def _saved(run_dir: Path) -> tuple[dict, dict]:
+    """recipe.yaml and run.json as the run's start wrote them ({} where a file is missing)."""
     try:
-        before = yaml.safe_load(saved.read_text()) or {}
+        before = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
         run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    except (yaml.YAMLError, ValueError) as err:
-        raise UserError(f"{saved} or run.json is damaged; start a new run with another out") from err
+    except (OSError, yaml.YAMLError, ValueError) as err:
+        raise UserError(f"{run_dir / 'recipe.yaml'} or run.json is damaged; start a new run with another out") from err
+    return before, run
+
+
+def check_resume(run_dir: Path, recipe: Recipe, world_size: int) -> None:
+    """Refuse a resume whose recipe, world size or data content differs where the run depends on it
+    (before any token store is built: changed data would build a new one)."""
+    if not (run_dir / "recipe.yaml").is_file():
+        return  # nothing was started here: the run starts from step 0
+    before, run = _saved(run_dir)
     changed = changed_keys(before, recipe)
     if changed:
         raise UserError(f"--resume: the recipe changed {', '.join(changed)} since the run started (they decide the "
@@ -63,10 +83,26 @@ def check_resume(run_dir: Path, recipe: Recipe, world_size: int) -> None:
     if run.get("world_size", world_size) != world_size:
         raise UserError(f"--resume: the run started on {run['world_size']} ranks and resumes on {world_size}; "
                         "the data order depends on it: launch with the same number of ranks")
+    specs = train_specs(recipe) + eval_specs(recipe)
+    for entry, spec in zip(run.get("inputs", []), specs):  # a run started before inputs were recorded has none
+        if entry.get("content") != content_fingerprint(spec):
+            raise UserError(f"--resume: data {spec.path} changed since the run started (its content differs); "
+                            "restore it or start a new run with another out")
 
 
-def start(run_dir: Path, recipe: Recipe, world_size: int) -> None:
-    """Record the recipe and world size of a run that starts at step 0."""
+def check_inputs(run_dir: Path, inputs: list[dict]) -> None:
+    """A resumed run's token stores hold exactly the tokens it started with (count and sha256)."""
+    _, run = _saved(run_dir)
+    for before, now in zip(run.get("inputs", []), inputs):
+        if (before.get("tokens"), before.get("sha256")) != (now["tokens"], now["sha256"]):
+            raise UserError(f"--resume: the token store of data {now['data']} holds {now['tokens']:,} tokens "
+                            f"(sha256 {now['sha256'][:12]}), the run started on {before.get('tokens'):,} "
+                            f"({str(before.get('sha256'))[:12]}); restore the data and tokenizer or start a new run "
+                            "with another out")
+
+
+def start(run_dir: Path, recipe: Recipe, world_size: int, inputs: list[dict]) -> None:
+    """Record the recipe, world size and inputs (TrainData.inputs) of a run that starts at step 0."""
     with user_os_errors(run_dir):
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=True))
-        (run_dir / "run.json").write_text(json.dumps({"world_size": world_size}) + "\n")
+        (run_dir / "run.json").write_text(json.dumps({"world_size": world_size, "inputs": inputs}) + "\n")

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.console import console
+from common.data import local_root
 from common.errors import UserError
+from common.options import named
+from common.outputs import check_output_path, check_outside_inputs
 from common.sources import (
     DEFAULT_GGUF_NAME,
     default_model_path,
@@ -22,7 +25,7 @@ from common.sources import (
 
 from . import run_folder
 from .budget import SMOLLM2_135M_PRETRAINING_TOKENS, Budget, resolve_budget
-from .data import TrainData, prepare_data
+from .data import TrainData, eval_specs, prepare_data, train_specs
 from .recipe import Recipe
 
 
@@ -45,13 +48,21 @@ def control_folder(out: Path) -> Path:
 
 
 def source_of(recipe: Recipe) -> Path:
-    """The unconverted source: the recipe's, else the one the conversion manifest names, else the embedded model."""
+    """The unconverted source: the recipe's, else the one the conversion manifest names, else the model
+    itself when it is no conversion (never the embedded model in its place); the embedded model only
+    when no model is given."""
     if recipe.source:
         return resolve_model_path(recipe.source)
-    manifest = Path(recipe.model or "") / "conversion.json"
-    if recipe.model and manifest.is_file():
+    if recipe.model is None:
+        return default_model_path()
+    model = resolve_model_path(recipe.model)
+    manifest = model / "conversion.json"
+    if not manifest.is_file():
+        return model
+    try:
         return resolve_model_path(json.loads(manifest.read_text())["source"]["path"])
-    return default_model_path()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{manifest} is damaged (it names no source); set source to the unconverted model") from err
 
 
 def run_folder_of(recipe: Recipe, model_path: Path) -> Path:
@@ -93,12 +104,30 @@ def model_paths(recipe: Recipe) -> tuple[Path, Path | None]:
         source = source_of(recipe)
         return source, source
     uses_source = recipe.loss != "lm" or "fraction_of_pretraining" in recipe.budget or recipe.source or recipe.blend_steps
-    return resolve_model_path(recipe.model), source_of(recipe) if uses_source else None
+    model, source = resolve_model_path(recipe.model), source_of(recipe) if uses_source else None
+    if recipe.loss != "lm" and source == model:
+        raise UserError(f"loss {recipe.loss} distils from the source, and model {recipe.model} is not a conversion "
+                        "(no conversion.json): set source to the teacher")
+    return model, source
+
+
+def check_outputs(recipe: Recipe, model_path: Path, source_path: Path | None, run_dir: Path | None) -> None:
+    """The run folder and the token cache can be made and lie inside no input: the model, the source,
+    the data (the next run would read what this one wrote)."""
+    inputs = {"model": model_path, "source": source_path}
+    inputs.update((f"data {spec.path}", root) for spec in train_specs(recipe) + eval_specs(recipe)
+                  if (root := local_root(spec)) is not None)
+    for option, path in (("out", run_dir), ("token_cache", Path(recipe.token_cache))):
+        if path is not None:
+            check_outside_inputs(path, inputs, option)
+            with named(option):
+                check_output_path(path)
 
 
 def prepare(recipe: Recipe) -> TrainData:
     """The token stores of data and eval_data, built (tokenized once, ahead of a job) or found."""
     model_path, source_path = model_paths(recipe)
+    check_outputs(recipe, model_path, source_path, None)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     data = prepare_data(recipe, load_tokenizer(model_path), plan_budget(recipe, model_path, source_path,
                                                                           world_size).tokens)
@@ -121,6 +150,8 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
         raise UserError(f"global_batch {recipe.global_batch} != micro_batch {recipe.micro_batch} x grad_accum "
                         f"{recipe.grad_accum} x {world_size} ranks")
     resuming = resume or resume_from is not None
+    if rank == 0:
+        check_outputs(recipe, model_path, source_path, run_dir)
     with run_folder.locked(run_dir) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
             if (run_dir / "checkpoints" / "latest").exists() and not resuming:
@@ -143,6 +174,8 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
                             "the model is not the layout yet")
         tokenizer = load_tokenizer(model_path)
         data = prepare_data(recipe, tokenizer, budget.tokens)
+        if rank == 0 and resuming:
+            run_folder.check_inputs(run_dir, data.inputs())
         model = load_causal_lm(model_path).train()
         teacher = load_causal_lm(source_path).eval() if recipe.loss != "lm" else None
         blend = (BlendSchedule(recipe.blend_steps, recipe.blend_schedule, seed=recipe.seed)
@@ -151,7 +184,7 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
             blend = None  # nothing converted (the control arm): the recipe's blend does not apply
         if rank == 0:
             if not resuming or not (run_dir / "recipe.yaml").is_file():
-                run_folder.start(run_dir, recipe, world_size)
+                run_folder.start(run_dir, recipe, world_size, data.inputs())
             fraction = f"{100 * budget.fraction_of_pretraining:.3g}% of the source's pretraining compute" \
                 if budget.fraction_of_pretraining is not None else "pretraining compute unknown"
             console.print(f"[bold]{'control arm: ' if recipe.control_arm else ''}{model_path}[/] "

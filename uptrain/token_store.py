@@ -3,7 +3,8 @@
 A store is a folder, named by a fingerprint of the data spec and of the tokenizer:
 
     tokens.bin   each document's token ids then EOS, back to back; uint16 when the vocabulary fits, else uint32
-    meta.json    token and document counts, dtype, EOS id, both fingerprints, build time (written last)
+    meta.json    token and document counts, dtype, EOS id, both fingerprints, the tokens' sha256, build
+                 time (written last)
 
 The build tokenizes with ``datasets.map`` on every core, from the memory-mapped Arrow files
 ``datasets`` keeps, and writes tokens.bin a batch at a time: its memory is a batch, not the
@@ -26,11 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from common.console import console, progress
-from common.data import DataSpec, cpu_count, is_saved_dataset, load, local_files, not_utf8
+from common.data import DataSpec, cpu_count, is_saved_dataset, load, local_files, local_root, not_utf8
 from common.errors import UserError
-from common.outputs import waiting_lock
+from common.outputs import made_folder, user_os_errors, waiting_lock
 
-FORMAT = 1
+FORMAT = 2  # 2: meta.json holds the tokens' sha256
 WRITE_BATCH = 4096  # documents per batch when copying token ids into tokens.bin
 WAIT_SECONDS = 1.0  # how often a waiting rank looks for the finished store
 
@@ -69,6 +70,33 @@ def data_fingerprint(spec: DataSpec, max_tokens: int | None) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def content_fingerprint(spec: DataSpec) -> str:
+    """What the documents are, by content: the sha256 of every local file the spec reads (a resume
+    compares it with the run's: a file rewritten in place keeps its path and may keep its size). A hub
+    dataset has no local files; its spec stands for it, and the token store's hash for its content."""
+    path = Path(spec.path).expanduser()
+    files = sorted(path.rglob("*")) if path.is_dir() and is_saved_dataset(path) else local_files(spec)
+    root = local_root(spec)
+    digest = hashlib.sha256(json.dumps(asdict(spec) | {"weight": None}, sort_keys=True).encode())
+    for file in (f for f in files if f.is_file()):  # named as under the spec: a moved project is the same data
+        digest.update(f"{file.relative_to(root) if root and root.is_dir() else file.name}\0".encode())
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def tokens_hash(store: TokenStore) -> str:
+    """The sha256 of a store's tokens: recorded at the build, read back for a store built before it was."""
+    if "sha256" in store.meta:
+        return store.meta["sha256"]
+    digest = hashlib.sha256()
+    with (store.folder / "tokens.bin").open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def store_folder(root: Path, spec: DataSpec, tokenizer, max_tokens: int | None = None) -> Path:
     name = "".join(c if c.isalnum() or c in "._" else "_" for c in Path(spec.path).name or spec.path)[:40]
     return root / f"{name}-{data_fingerprint(spec, max_tokens)}-{tokenizer_fingerprint(tokenizer)}"
@@ -104,7 +132,7 @@ def prepare(spec: DataSpec, tokenizer, root: Path, builder: bool, max_tokens: in
         return open_store(Path(spec.path), tokenizer)
     folder = store_folder(root, spec, tokenizer, max_tokens)
     if builder:
-        with waiting_lock(folder.with_name(folder.name + ".lock")):
+        with user_os_errors(root), made_folder(root), waiting_lock(folder.with_name(folder.name + ".lock")):
             if not (folder / "meta.json").is_file():
                 build(spec, tokenizer, folder, max_tokens)
     else:
@@ -156,12 +184,15 @@ def build(spec: DataSpec, tokenizer, folder: Path, max_tokens: int | None = None
         tokenized = ds.map(_encoder(tokenizer, spec.field, eos), batched=True, remove_columns=[spec.field],
                            **map_args)
         count = documents = 0
+        digest = hashlib.sha256()
         with (stage / "tokens.bin").open("wb") as out, progress() as bar:
             task = bar.add_task(f"token store {spec.path}", total=max_tokens)
             for ids, docs in _id_batches(tokenized):
                 if max_tokens is not None:
                     ids = ids[: max_tokens - count]
-                out.write(ids.astype(dtype).tobytes())
+                raw = ids.astype(dtype).tobytes()
+                out.write(raw)
+                digest.update(raw)
                 count, documents = count + len(ids), documents + docs
                 bar.update(task, completed=count)
                 if max_tokens is not None and count >= max_tokens:
@@ -172,7 +203,8 @@ def build(spec: DataSpec, tokenizer, folder: Path, max_tokens: int | None = None
             raise UserError(f"data {spec.path!r} holds no text")
         seconds = time.perf_counter() - tic
         meta = {"format": FORMAT, "tokens": count, "documents": documents, "dtype": dtype.name, "eos": eos,
-                "tokenizer": tokenizer_fingerprint(tokenizer), "data": asdict(spec), "processes": procs,
+                "tokenizer": tokenizer_fingerprint(tokenizer), "data": asdict(spec), "sha256": digest.hexdigest(),
+                "processes": procs,
                 "seconds": round(seconds, 3), "tokens_per_s": round(count / max(seconds, 1e-9))}
         (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if folder.exists():  # a damaged store (no meta.json) is replaced

@@ -10,6 +10,7 @@ import torch
 
 from common.console import console, progress
 from common.errors import UserError
+from common.outputs import user_os_errors
 
 from . import blend as blending, checkpoint
 from .data import TrainData
@@ -177,7 +178,8 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
     checkpoint.export(engine, engine.module, tokenizer, final, zero3, export_dtype, recipe.export_max_shard_size)
     if log:
         seconds = time.perf_counter() - tic
-        (run_dir / "export.json").write_text(json.dumps({"seconds": round(seconds, 3), "dtype": str(export_dtype)}) + "\n")
-        console.print(f"exported in {seconds:.1f} s")
-        plot(log.records(), run_dir / "metrics.png", run_dir.name)
+        with user_os_errors(run_dir):  # final/ is whole already: a full disk here is one line, no traceback
+            (run_dir / "export.json").write_text(json.dumps({"seconds": round(seconds, 3), "dtype": str(export_dtype)}) + "\n")
+            console.print(f"exported in {seconds:.1f} s")
+            plot(log.records(), run_dir / "metrics.png", run_dir.name)
     return final

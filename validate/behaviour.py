@@ -51,11 +51,7 @@ def settings(opts: ValidateOptions) -> tuple[list[str], int] | None:
     if not (opts.behaviour or opts.behaviour_prompts or opts.behaviour_tokens is not None
             or opts.min_agreement is not None):
         return None
-    tokens = DEFAULT_TOKENS if opts.behaviour_tokens is None else opts.behaviour_tokens
-    if tokens < 1:
-        raise UserError(f"--behaviour-tokens {tokens} must be at least 1")
-    if opts.min_agreement is not None and not 0 <= opts.min_agreement <= 1:
-        raise UserError(f"--min-agreement {opts.min_agreement:g} must be a fraction in [0, 1], e.g. 0.9")
+    tokens = DEFAULT_TOKENS if opts.behaviour_tokens is None else opts.behaviour_tokens  # its range: options.py
     return read_prompts(opts.behaviour_prompts), tokens
 
 

@@ -28,6 +28,7 @@ from models import kv_cache_bytes
 if TYPE_CHECKING:
     from .options import ValidateOptions
 
+DEFAULT_LENGTHS = (1024, 2048, 4096)
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about the important information there.")
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -53,12 +54,17 @@ def settings(args: ValidateOptions) -> tuple[list[int], list[float], int] | None
     """(lengths, depths, trials), or None when no passkey flag is given."""
     if not (args.passkey or args.passkey_lengths or args.passkey_depths or args.passkey_trials is not None):
         return None
-    lengths = _numbers("--passkey-lengths", args.passkey_lengths or "1024,2048,4096", int)
+    lengths = _numbers("--passkey-lengths", args.passkey_lengths or ",".join(map(str, DEFAULT_LENGTHS)), int)
     depths = _numbers("--passkey-depths", args.passkey_depths or "0.1,0.5,0.9", float)
     trials = 3 if args.passkey_trials is None else args.passkey_trials
-    if min(lengths) < 1 or not all(0 <= d <= 1 for d in depths) or trials < 1:
-        raise UserError("need --passkey-lengths >= 1, --passkey-depths within [0, 1] and --passkey-trials >= 1")
+    if min(lengths) < 1 or not all(0 <= d <= 1 for d in depths):
+        raise UserError("need --passkey-lengths >= 1 and --passkey-depths within [0, 1]")
     return lengths, depths, trials
+
+
+def default_lengths(limit: int | None) -> list[int]:
+    """The default lengths that fit in limit positions, else limit itself."""
+    return [n for n in DEFAULT_LENGTHS if limit is None or n <= limit] or [limit]
 
 
 def _numbers(flag: str, spec: str, kind: type) -> list:

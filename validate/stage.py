@@ -23,7 +23,8 @@ import torch
 from common.console import console
 from common.data import read_text
 from common.errors import UserError
-from common.outputs import user_os_errors
+from common.options import flag_name, shown
+from common.outputs import check_output_path, check_outside_inputs, user_os_errors
 from common.sources import (
     OOD_TEXT,
     check_fits,
@@ -31,13 +32,14 @@ from common.sources import (
     is_gguf,
     load_causal_lm,
     load_tokenizer,
+    max_positions,
     resolve_model_path,
 )
 
 from . import behaviour, passkey, tasks
 from .bootstrap import ratio_interval
 from .kvcache import arithmetic_bytes_per_token, measure_decode
-from .options import ValidateOptions
+from .options import DEFAULT_CONTEXT, DEFAULT_DECODE, ValidateOptions
 from .perplexity import WindowScores, score_windows
 from .report import render_console, write_report
 
@@ -50,18 +52,55 @@ def model_path(role: str, value: str | None) -> Path:
     return resolve_model_path(value)
 
 
-def check_args(opts: ValidateOptions) -> dict[str, Path]:
-    """The model paths, in report column order, checked before anything is loaded."""
+def check_args(opts: ValidateOptions) -> tuple[dict[str, Path], ValidateOptions]:
+    """The model paths, in report column order, and the options with the defaults that depend on the
+    models chosen, all checked before anything is loaded."""
     tasks.check_args(opts)
-    passkey.settings(opts)
-    behaviour.settings(opts)
     paths = {"source": model_path("source", opts.source)}
     if opts.control:
         paths["control"] = model_path("control", opts.control)
     paths["candidate"] = model_path("candidate", opts.candidate)
+    opts = fitted_defaults(opts, paths)
     check_positions(paths, opts)
     passkey.check_positions(opts, paths)
-    return paths
+    return paths, opts
+
+
+def fitted_defaults(opts: ValidateOptions, paths: dict[str, Path]) -> ValidateOptions:
+    """opts with the defaults that depend on the models' positions chosen, and the choice printed:
+    the context (at most DEFAULT_CONTEXT), the stride (half the context), the decode lengths (those
+    of DEFAULT_DECODE that fit, else the longest that does) and the passkey lengths."""
+    limits = [limit for limit in map(max_positions, paths.values()) if limit is not None]
+    limit = min(limits, default=None)
+    chosen = {}
+    if opts.context is None:
+        chosen["context"] = min(DEFAULT_CONTEXT, limit or DEFAULT_CONTEXT)
+    context = chosen.get("context", opts.context)
+    if opts.stride is None:
+        chosen["stride"] = max(1, context // 2)
+    elif opts.stride > context:
+        raise UserError(f"--stride {opts.stride} must be at most the context, {context} (the models' "
+                        f"max_position_embeddings); give --stride {context} or less")
+    if opts.decode_lengths is None:
+        chosen["decode_lengths"] = decode_defaults(opts, limit)
+    if passkey.settings(opts) is not None and opts.passkey_lengths is None:
+        chosen["passkey_lengths"] = ",".join(map(str, passkey.default_lengths(limit)))
+    if chosen:
+        where = f"the models' {limit} positions" if limit else "no max_position_embeddings given"
+        console.print(f"defaults chosen for {where}: " + " ".join(f"{flag_name(k)} {shown(v)}" for k, v in chosen.items()),
+                      highlight=False)
+    return dataclasses.replace(opts, **chosen)
+
+
+def decode_defaults(opts: ValidateOptions, limit: int | None) -> tuple[int, ...]:
+    room = None if limit is None else limit - 1 - opts.decode_new_tokens  # the prompt, a warm-up step, the timed steps
+    fits = tuple(n for n in DEFAULT_DECODE if room is None or n <= room)
+    if fits:
+        return fits
+    if room < 1:
+        raise UserError(f"--decode-new-tokens {opts.decode_new_tokens} leaves no position to decode from in the "
+                        f"models' {limit}; give --decode-new-tokens {limit - 2} or less")
+    return (room,)
 
 
 def check_positions(paths: dict[str, Path], opts: ValidateOptions) -> None:
@@ -75,12 +114,17 @@ def check_positions(paths: dict[str, Path], opts: ValidateOptions) -> None:
                                                    f"{role}'s max_position_embeddings {limit}")
 
 
-def report_folder(opts: ValidateOptions, candidate: Path) -> Path:
-    """--out, or the default folder for the candidate; refused before any scoring if a file is in the way."""
-    out = Path(opts.out) if opts.out else default_out(candidate)
-    existing = next(p for p in (out, *out.parents) if p.exists())
+def report_folder(opts: ValidateOptions, paths: dict[str, Path]) -> Path:
+    """--out, or the default folder for the candidate; refused before any scoring if a file is in the
+    way or it lies inside an input (a model, a text, the prompts)."""
+    out = Path(opts.out) if opts.out else default_out(paths["candidate"])
+    inputs = {**paths, "behaviour prompts": opts.behaviour_prompts, "tasks path": opts.tasks_path}
+    inputs.update((f"data {spec}", spec) for spec in opts.data or () if Path(spec).expanduser().exists())
+    check_outside_inputs(out, inputs)
+    existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
     if not existing.is_dir():
         raise UserError(f"--out {out}: {existing} is a file; give a folder for report.json and report.md")
+    check_output_path(out)
     return out
 
 
@@ -254,8 +298,8 @@ class Report:
 
 def run(opts: ValidateOptions) -> Report:
     """Score source, control and candidate on the same tokens; write and print the report."""
-    paths = check_args(opts)
-    out = report_folder(opts, paths["candidate"])
+    paths, opts = check_args(opts)
+    out = report_folder(opts, paths)
     task_set = tasks.load_tasks(opts)  # unknown tasks and unreachable data fail first: the likeliest mistakes
     texts = held_out_texts(opts)
     tokenizer = load_tokenizer(paths["source"])
