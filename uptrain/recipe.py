@@ -46,6 +46,9 @@ class Recipe:
                                           "configs/deepspeed_zero.json; the keys this recipe sets (batch sizes, "
                                           "ZeRO stage, precision, clipping, offload) may only repeat it or say auto")
     activation_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    kernels: str = option("auto", "auto: on a CUDA GPU, Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear "
+                          "cross-entropy where installed and correct there (uptrain/fast_path.py); plain: PyTorch's",
+                          choices=("auto", "plain"))
     precision: str = option("auto", "auto = bf16 on a GPU, fp32 on a CPU", choices=("auto", "fp32", "bf16"))
     loss: str = option("lm", "next-token loss, distillation from the source, or both", choices=("lm", "kd", "lm+kd"))
     kd_temperature: float = option(2.0, "distillation temperature")
@@ -89,7 +92,7 @@ class Recipe:
 
 # Keys a resume may change: none of them decides the data order, the model or the optimizer.
 RESUMABLE = ("out", "save_every", "keep_last", "eval_every", "log_every", "eval_tokens", "max_skipped_steps",
-             "token_cache", "export_dtype", "export_max_shard_size")
+             "token_cache", "export_dtype", "export_max_shard_size", "kernels")
 
 
 def load_recipe(path: str | None, overrides: list[str] = (), flags: dict | None = None) -> Recipe:

@@ -11,7 +11,7 @@ import torch
 from common.console import console, progress
 from common.errors import UserError
 
-from . import blend as blending, checkpoint
+from . import blend as blending, checkpoint, fast_path
 from .data import TrainData
 from .engine import ds_config, optimizer_and_schedule, use_bf16
 from .loss import chunked_losses, final_hidden_states
@@ -77,6 +77,10 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
 
     if recipe.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kernels = fast_path.enable(model, recipe.kernels, recipe.zero_stage, recipe.loss,
+                               torch.bfloat16 if use_bf16(recipe) else torch.float32)
+    if kernels and rank == 0:
+        console.print(kernels)
     optimizer, schedule = optimizer_and_schedule(model, recipe, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config(recipe, world_size))
