@@ -6,7 +6,6 @@ prefetches the next ones in DeepSpeed's recorded trace, as a 1.7B model does on 
 forward pass with no backward pass to consume what it prefetched: those parameters were still in
 flight when the export gathered them ("Cannot partition a param in flight")."""
 import json
-import math
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from common.sources import load_causal_lm, load_tokenizer
 from uptrain import checkpoint, train
 from uptrain.data import prepare_data
-from uptrain.loss import chunked_losses
 from uptrain.recipe import load_recipe
+from uptrain.train import eval_ppl  # bound here: the fixture below wraps train.eval_ppl
 
 PREFETCHING = {"zero_optimization": {"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 20000}}
 
@@ -40,16 +39,10 @@ def in_flight(engine) -> int:
 
 
 def held_out_ppl(model_dir, recipe_path) -> float:
-    """Perplexity of a reloaded export on the run's own eval sequences, the way the run's eval computes it."""
-    model = load_causal_lm(model_dir).eval()
-    sequences = prepare_data(load_recipe(str(recipe_path)), load_tokenizer(model_dir)).eval_sequences
-    total = count = 0
-    with torch.no_grad():
-        for batch in sequences.split(4):
-            hidden = model(batch, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-            loss, _ = chunked_losses(hidden, model.get_output_embeddings(), batch)
-            total, count = total + loss.item() * (batch.numel() - len(batch)), count + batch.numel() - len(batch)
-    return math.exp(total / count)
+    """Perplexity of a reloaded export on the run's own eval sequences, by the run's own eval."""
+    recipe = load_recipe(str(recipe_path))
+    sequences = prepare_data(recipe, load_tokenizer(model_dir)).eval_sequences
+    return eval_ppl(load_causal_lm(model_dir), sequences, recipe.micro_batch, zero3=False)
 
 
 @pytest.fixture

@@ -173,7 +173,8 @@ def enable(model, kernels: str, zero_stage: int, loss: str, dtype: torch.dtype) 
     applied = set()
     for module in [m for m in model.modules() if type(m) is not nn.Linear] + [model.get_output_embeddings()]:
         name, fast = faster.get(type(module), (None, None))
-        if name in working and (name != "SwiGLU" or getattr(module.config, "hidden_act", None) in ("silu", "swish")):
+        silu = getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish")
+        if name in working and (name != "SwiGLU" or silu):
             module.__class__ = fast
             applied.add(name)
     for module in rotary_modules(model) if "RoPE" in working else ():

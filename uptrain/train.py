@@ -41,12 +41,14 @@ class Diverged(UserError):
 
 @torch.no_grad()
 def eval_ppl(engine, sequences: torch.Tensor, micro_batch: int, zero3: bool) -> float:
-    """Held-out perplexity; inf once the mean loss is too large for exp (a diverged model)."""
+    """Held-out perplexity; inf once the mean loss is too large for exp (a diverged model). engine may
+    be a bare model (an export reloaded: bench/device_check.py)."""
     engine.eval()
     total, count = 0.0, 0
+    head = getattr(engine, "module", engine).get_output_embeddings()
     for start in range(0, len(sequences), micro_batch):
         batch = sequences[start : start + micro_batch].to(engine.device)
-        loss, _ = chunked_losses(final_hidden_states(engine, batch), engine.module.get_output_embeddings(), batch)
+        loss, _ = chunked_losses(final_hidden_states(engine, batch), head, batch)
         n = batch.numel() - batch.shape[0]
         total, count = total + loss.float().item() * n, count + n
     if zero3:
