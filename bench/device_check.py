@@ -137,7 +137,8 @@ class Check:
 
     def uptrain(self, recipe: Path, limit: float, extra: tuple[str, ...] = (), **kwargs) -> float:
         with self.log_path.open("a") as log:
-            return uptrain(["--config", str(recipe), *extra], self.plan.device, timeout=limit, log=log, **kwargs)
+            return uptrain(["--config", str(recipe), *extra], self.plan.device, timeout=limit, log=log, launched=True,
+                           **kwargs)
 
     def appears(self, text: str):
         """A function that is True once text has been written to the log after this call."""

@@ -90,10 +90,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launcher(device: str) -> list[str]:
-    """The deepspeed launcher on a GPU (its runner module: the `deepspeed` script need not be on PATH,
-    as after `pip install --target`); on a CPU one plain process (the launcher wants accelerators)."""
-    if device == "cuda":
+def launcher(device: str, launched: bool | None = None) -> list[str]:
+    """The deepspeed launcher (its runner module: the `deepspeed` script need not be on PATH, as after
+    `pip install --target`), by default on a GPU only; else one plain process. With one process the
+    launcher also runs on the CPU accelerator (bench/device_check.py's DRY run uses it there)."""
+    if device == "cuda" if launched is None else launched:
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
                 str(ROOT / "run.py")]
     return [sys.executable, str(ROOT / "run.py")]
@@ -123,10 +124,10 @@ def bounded(cmd: list[str], timeout: float | None = None, log=None, env: dict | 
 
 
 def uptrain(argv: list[str], device: str, kill_at: Path | None = None, timeout: float | None = None,
-            log=None, while_running=None) -> float:
-    """Run one uptrain job under the launcher; its seconds. With kill_at, kill -9 its whole process
-    group once that checkpoint is `latest`; while_running() is called between polls. Raises JobFailed
-    when it fails, outlasts timeout, or ends before kill_at."""
+            log=None, while_running=None, launched: bool | None = None) -> float:
+    """Run one uptrain job (under the launcher: see launcher()); its seconds. With kill_at, kill -9 its
+    whole process group once that checkpoint is `latest`; while_running() is called between polls.
+    Raises JobFailed when it fails, outlasts timeout, or ends before kill_at."""
     tic = time.perf_counter()
     env = {**os.environ, "DS_ACCELERATOR": "cuda" if device == "cuda" else "cpu", "PYTHONUNBUFFERED": "1"}
 
@@ -136,7 +137,7 @@ def uptrain(argv: list[str], device: str, kill_at: Path | None = None, timeout: 
         latest = kill_at.parent / "latest" if kill_at is not None else None
         return latest is not None and latest.is_file() and latest.read_text().strip() == kill_at.name
 
-    code = bounded([*launcher(device), "uptrain", *argv], timeout, log, env, until=checkpointed)
+    code = bounded([*launcher(device, launched), "uptrain", *argv], timeout, log, env, until=checkpointed)
     if code is not None and (code != 0 or kill_at is not None):
         raise JobFailed(f"uptrain {' '.join(argv)} " + (f"failed with code {code}" if code
                                                         else f"ended before its {kill_at.name} checkpoint"))

@@ -1,8 +1,8 @@
 """bench/device_check.sh in DRY mode: the whole GPU check on the CPU at tiny shapes, each step in
-processes of its own (plain ones where the GPU run has the deepspeed launcher), as CI can run it.
-In make test-e2e, not make test: its nine processes each import torch, transformers and DeepSpeed
-(about 80 CPU-seconds in all), and make test keeps under 6 minutes. tests/test_device_check.py
-checks the step machinery itself in make test."""
+processes of its own, the uptrain runs under the deepspeed launcher (one process, DeepSpeed's CPU
+accelerator) as on the GPU. In make test-e2e, not make test: its sixteen processes each import
+torch, transformers or DeepSpeed (about 80 CPU-seconds in all), and make test keeps under 6
+minutes. tests/test_device_check.py checks the step machinery itself in make test."""
 import json
 import os
 import subprocess
