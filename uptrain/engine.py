@@ -15,7 +15,7 @@ import torch
 from common.errors import UserError
 from models.layout_tensors import adapts
 
-from .fast_path import fused_adamw
+from .fast_path import fused_adamw, training_device
 from .recipe import Recipe, users_deepspeed
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "configs" / "deepspeed_zero.json"
@@ -182,5 +182,5 @@ def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
     # fused: one kernel, no temporaries; the default (a loop over tensors on a CPU) makes two of each
     # tensor's size (the tied embedding's: 0.22 GB at SmolLM2-135M), foreach (on GPUs) of all of them
     optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas),
-                                  fused=fused_adamw("cuda" if torch.cuda.is_available() else "cpu"))
+                                  fused=fused_adamw(str(training_device())))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

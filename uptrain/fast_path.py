@@ -23,6 +23,7 @@ How each kernel reaches the model, which keeps its class, parameters and state d
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from types import SimpleNamespace
 
@@ -154,10 +155,18 @@ def rotary_modules(model) -> set:
     return {sys.modules[type(m).__module__] for m in model.modules() if "Attention" in type(m).__name__}
 
 
+def training_device() -> torch.device:
+    """This rank's device, before DeepSpeed has made it the current one (every rank would otherwise
+    check on GPU 0 and leave a CUDA context there)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def enable(model, kernels: str, zero_stage: int, loss: str, dtype: torch.dtype) -> str | None:
     """Put the Liger kernels that work here into model; returns the one line that says what runs
     (None on a CPU or with kernels: plain, where nothing changes)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = training_device()
     if kernels == "plain" or device.type not in FAST_DEVICES:
         return None
     try:
@@ -185,14 +194,14 @@ def enable(model, kernels: str, zero_stage: int, loss: str, dtype: torch.dtype) 
     line = f"fast path: Liger {', '.join(k for k in working if k in applied) or 'nothing'}"
     plain = left_out + [k for k in working if k not in applied]
     line += f"; plain PyTorch for {', '.join(plain)}" if plain else ""
-    return line + ("; fused AdamW" if fused_adamw(device.type) else "; AdamW unfused (no fused kernel here)")
+    return line + ("; fused AdamW" if fused_adamw(str(device)) else "; AdamW unfused (no fused kernel here)")
 
 
 @functools.cache
-def fused_adamw(device_type: str) -> bool:
-    """Whether torch's fused AdamW kernel runs on this device type (tried once, on one tensor): it
-    makes no per-tensor temporaries; where it is missing the default AdamW runs instead."""
-    probe = torch.zeros(2, device=device_type, requires_grad=True)
+def fused_adamw(device: str) -> bool:
+    """Whether torch's fused AdamW kernel runs on this device (tried once, on one tensor): it makes no
+    per-tensor temporaries; where it is missing the default AdamW runs instead."""
+    probe = torch.zeros(2, device=device, requires_grad=True)
     probe.grad = torch.ones_like(probe)
     try:
         torch.optim.AdamW([probe], fused=True).step()
