@@ -39,9 +39,15 @@ fi
 installed=$(( $(date +%s) - START ))
 
 END=$(( START + DEADLINE ))
-timeout -k 5 $(( END - 3 - $(date +%s) )) "$PY" bench/device_check.py --out "$OUT" --work "$WORK" \
+left=$(( END - 3 - $(date +%s) ))
+[ "$left" -ge 10 ] || left=10  # timeout 0 would mean no limit at all
+timeout -k 5 "$left" "$PY" bench/device_check.py --out "$OUT" --work "$WORK" \
     --deadline $(( END - 10 )) --install "$install" --install-seconds "$installed" ${DRY:+--dry} ${STEPS:+--steps "$STEPS"}
 rc=$?
+log="$OUT/device_check.log"  # the device tool brings back files of up to 16 MiB: keep the log's end
+if [ -f "$log" ] && [ "$(stat -c %s "$log")" -gt 15000000 ]; then
+    tail -c 15000000 "$log" >"$log.tail" && mv "$log.tail" "$log"
+fi
 if [ ! -s "$OUT/device_check_$DEVICE.json" ]; then  # the driver never got to write: say so in the same place
     printf '{"check": "bench/device_check.sh", "install": "%s", "driver_exit": %d, "steps": {}}\n' \
         "$install" "$rc" >"$OUT/device_check_$DEVICE.json"
