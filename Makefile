@@ -4,7 +4,7 @@ PY := .venv/bin/python
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := .venv/.installed-$(shell cat requirements.txt | md5sum | cut -c1-8)
 
-.PHONY: venv serve-env demo test test-e2e test-serve bench-cpu bench-quality bench-gpu bench-serve clean
+.PHONY: venv serve-env demo test test-e2e test-serve bench-cpu bench-quality bench-gpu bench-serve device-wheels clean
 
 venv: $(STAMP)
 
@@ -66,6 +66,18 @@ bench-quality: venv
 # The GPU half (decode speed and memory, bf16 uptraining MFU): on a machine with a CUDA GPU.
 bench-gpu:
 	PY=$(if $(wildcard $(PY)),$(PY),python3) bash bench/gpu_suite.sh
+
+# What the GPU machine lacks, for bench/device_check.sh (README "Checking on a GPU"): the shared wheels but gguf
+# (no step of the check reads a GGUF) copied into .whl/, which git ignores and the device tool carries, with the
+# commit they go with (the copy on the GPU machine has no .git).
+DEVICE_WHEELS ?= ../shared/wheels/gpu-py312
+
+device-wheels:
+	rm -rf .whl && mkdir .whl
+	cp $(filter-out %/gguf-0.19.0-py3-none-any.whl,$(wildcard $(DEVICE_WHEELS)/*.whl)) .whl/
+	git rev-parse --short HEAD | tr -d '\n' >.whl/git-commit
+	test -z "$$(git status --porcelain)" || printf -- -dirty >>.whl/git-commit
+	@du -cb .whl/*.whl | tail -1 | sed 's/total/bytes of wheels to carry (.whl)/'
 
 clean:
 	rm -rf .venv .pytest_cache runs

@@ -1,5 +1,7 @@
 """End to end at scale: convert, uptrain under the deepspeed launcher (ZeRO-2 with kill -9 and
---resume, then ZeRO-3), export, validate the export. Writes bench/results/e2e_uptrain_<device>.json.
+--resume, then ZeRO-3), export, validate the export. Writes e2e_uptrain_<device>.json into --out
+(default bench/results), the validate verdict in it whichever way it went. bench/device_check.py
+uses its pieces (corpus, tokenizer, random model, launcher) for the one-call GPU check.
 
 Everything is made here, nothing is downloaded: a random-weight Llama of the named shape (bf16
 safetensors), a byte-level BPE tokenizer trained on the corpus, and the corpus itself, the Python
@@ -15,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -32,11 +35,18 @@ SHAPES = {  # SmolLM2-1.7B's shape (MHA) with this bench's 32k vocabulary; a tin
 }
 
 
+def python_files(folder: Path):
+    """folder's .py files in sorted order, read lazily (a GPU image's site-packages holds 100k+ files)."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        yield from (Path(root) / name for name in sorted(files) if name.endswith(".py"))
+
+
 def corpus(path: Path, megabytes: int) -> None:
     """JSONL of the installed packages' Python sources, one file a document, up to megabytes."""
     budget = megabytes * 1_000_000
     with path.open("w") as out:
-        for source in sorted(Path(sysconfig.get_paths()["purelib"]).rglob("*.py")):
+        for source in python_files(Path(sysconfig.get_paths()["purelib"])):
             try:
                 text = source.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):
@@ -62,44 +72,84 @@ def tokenizer(folder: Path, corpus_path: Path, vocab: int) -> None:
                             model_max_length=4096).save_pretrained(folder)
 
 
-def random_model(folder: Path, shape: dict, vocab: int, device: str) -> int:
+def random_model(folder: Path, shape: dict, vocab: int, device: str, dtype: str = "bfloat16") -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, **shape)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
 
 
-def launcher(device: str) -> list[str]:
-    """The deepspeed launcher on a GPU; on a CPU one plain process (the launcher wants accelerators)."""
-    if device == "cuda":
-        return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "1", str(ROOT / "run.py")]
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(device: str, launched: bool | None = None) -> list[str]:
+    """The deepspeed launcher (its runner module: the `deepspeed` script need not be on PATH, as after
+    `pip install --target`), by default on a GPU only; else one plain process. With one process the
+    launcher also runs on the CPU accelerator (bench/device_check.py's DRY run uses it there)."""
+    if device == "cuda" if launched is None else launched:
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+                str(ROOT / "run.py")]
     return [sys.executable, str(ROOT / "run.py")]
 
 
-def uptrain(argv: list[str], device: str, kill_at: Path | None = None) -> float:
-    """Run one uptrain job; with kill_at, kill -9 its whole process group once that checkpoint exists."""
+class JobFailed(RuntimeError):
+    """A job exited with an error, or outlasted its time and was killed."""
+
+
+def bounded(cmd: list[str], timeout: float | None = None, log=None, env: dict | None = None, until=None) -> int | None:
+    """Run cmd from the project root in a process group of its own (a launcher and its ranks die
+    together), output to log (default: inherited). Returns its exit code, or None once until() said
+    True and the group was killed -9; past timeout the group is killed and JobFailed raised."""
     tic = time.perf_counter()
-    env = {**os.environ, "DS_ACCELERATOR": "cuda" if device == "cuda" else "cpu"}
-    proc = subprocess.Popen([*launcher(device), "uptrain", *argv], cwd=ROOT, env=env, start_new_session=True)
-    while kill_at is not None and proc.poll() is None:
-        latest = kill_at.parent / "latest"
-        if latest.is_file() and latest.read_text().strip() == kill_at.name:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=log,
+                            stderr=subprocess.STDOUT if log else None)
+    while proc.poll() is None:
+        stop = until is not None and until()
+        if stop or (timeout is not None and time.perf_counter() - tic > timeout):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return time.perf_counter() - tic
+            if stop:
+                return None
+            raise JobFailed(f"{' '.join(map(str, cmd))} outlasted its {timeout:.0f} s and was killed")
         time.sleep(0.2)
-    if proc.wait() != 0:
-        sys.exit(f"uptrain {' '.join(argv)} failed with code {proc.returncode}")
+    return proc.returncode
+
+
+def uptrain(argv: list[str], device: str, kill_at: Path | None = None, timeout: float | None = None,
+            log=None, while_running=None, launched: bool | None = None) -> float:
+    """Run one uptrain job (under the launcher: see launcher()); its seconds. With kill_at, kill -9 its
+    whole process group once that checkpoint is `latest`; while_running() is called between polls.
+    Raises JobFailed when it fails, outlasts timeout, or ends before kill_at."""
+    tic = time.perf_counter()
+    env = {**os.environ, "DS_ACCELERATOR": "cuda" if device == "cuda" else "cpu", "PYTHONUNBUFFERED": "1"}
+
+    def checkpointed() -> bool:
+        if while_running is not None:
+            while_running()
+        latest = kill_at.parent / "latest" if kill_at is not None else None
+        return latest is not None and latest.is_file() and latest.read_text().strip() == kill_at.name
+
+    code = bounded([*launcher(device, launched), "uptrain", *argv], timeout, log, env, until=checkpointed)
+    if code is not None and (code != 0 or kill_at is not None):
+        raise JobFailed(f"uptrain {' '.join(argv)} " + (f"failed with code {code}" if code
+                                                        else f"ended before its {kill_at.name} checkpoint"))
     return time.perf_counter() - tic
 
 
-def run(argv: list[str]) -> None:
-    subprocess.run([sys.executable, str(ROOT / "run.py"), *argv], cwd=ROOT, check=True)
+def run(argv: list[str], ok=(0,)) -> int:
+    """run.py with argv; an exit code outside ok (validate's 1 is a verdict, not a failure) stops the script."""
+    code = subprocess.run([sys.executable, str(ROOT / "run.py"), *argv], cwd=ROOT).returncode
+    if code not in ok:
+        sys.exit(f"run.py {' '.join(argv)} failed with code {code}")
+    return code
 
 
 def summary(run_dir: Path) -> dict:
@@ -122,10 +172,12 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/e2e-uptrain", help="scratch folder (tens of GB at 1.7B)")
     parser.add_argument("--corpus-mb", type=int, default=60)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=None, help="default 1024, or the shape's context if shorter")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder of the result JSON")
     args = parser.parse_args()
+    args.seq_len = args.seq_len or min(1024, SHAPES[args.shape]["max_position_embeddings"])
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,23 +201,26 @@ def main() -> None:
         recipe = work / f"zero{stage}.yaml"
         recipe.write_text(yaml.safe_dump({**base, "zero_stage": stage, "out": str(work / f"run-zero{stage}")}))
         ckpt = work / f"run-zero{stage}" / "checkpoints"
-        if stage == 2:  # kill -9 after the first checkpoint, then resume to the end
-            timings["zero2_until_kill"] = uptrain(["--config", str(recipe)], device, kill_at=ckpt / f"step{args.steps // 2}")
-            timings["zero2_resume"] = uptrain(["--config", str(recipe), "--resume"], device)
-        else:
-            timings["zero3"] = uptrain(["--config", str(recipe)], device)
+        try:
+            if stage == 2:  # kill -9 after the first checkpoint, then resume to the end
+                timings["zero2_until_kill"] = uptrain(["--config", str(recipe)], device, kill_at=ckpt / f"step{args.steps // 2}")
+                timings["zero2_resume"] = uptrain(["--config", str(recipe), "--resume"], device)
+            else:
+                timings["zero3"] = uptrain(["--config", str(recipe)], device)
+        except JobFailed as err:
+            sys.exit(str(err))
         result[f"zero{stage}"] = summary(work / f"run-zero{stage}")
         shutil.rmtree(ckpt)  # optimizer states: tens of GB at 1.7B
     tic = time.perf_counter()
     run(["validate", "--candidate", str(work / "run-zero3" / "final"), "--source", str(work / "source"),
          "--data", str(work / "corpus.jsonl"), "--max-tokens", str(4 * args.seq_len), "--context", str(args.seq_len),
-         "--stride", str(args.seq_len), "--decode-lengths", "128", "--bootstrap", "100", "--out", str(work / "validate")])
+         "--stride", str(args.seq_len), "--decode-lengths", "128", "--bootstrap", "100", "--out", str(work / "validate")], ok=(0, 1))
     timings["validate"] = time.perf_counter() - tic
     report = json.loads((work / "validate" / "report.json").read_text())
     result["validate_verdict"] = report["verdict"]
     result["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     result["machine"] = machine_info()
-    out = ROOT / "bench" / "results" / f"e2e_uptrain_{device}.json"
+    out = Path(args.out) / f"e2e_uptrain_{device}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     shutil.rmtree(work, ignore_errors=True)

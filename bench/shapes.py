@@ -4,6 +4,14 @@ from __future__ import annotations
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5)
+# SmolLM2-1.7B (MHA, 1.71B parameters with its tied embedding)
+SMOLLM2_1_7B = dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192,
+                    tie_word_embeddings=True, rope_theta=130000.0, rms_norm_eps=1e-5)
+# The same kind of model small enough for a test on a CPU
+TINY = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-5)
+SHAPES = {"smollm2-135m": SMOLLM2_135M, "smollm2-1.7b": SMOLLM2_1_7B, "tiny": TINY}
 
 # Dense bf16 tensor-core peak of each GPU we report MFU on (vendor datasheets, no sparsity).
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}

@@ -1,11 +1,14 @@
 """Uptraining throughput and peak memory of each layout against the unconverted model.
 
 Each layout trains under the same DeepSpeed config (ZeRO-2, AdamW, the same batch of random
-tokens) in a fresh process, so peak RSS (CPU) or peak allocated memory (GPU) is its own. The model
-is a Llama built from a config (default: SmolLM2-135M's shape), so no weights travel.
+tokens) through uptrain's own training path (its loss, optimizer and, on a GPU, its fast path:
+uptrain/fast_path.py) in a fresh process, so peak RSS (CPU) or peak allocated memory (GPU) is its
+own. The model is a Llama built from a config (bench/shapes.py; default SmolLM2-135M's shape) on
+the device it trains on, so no weights travel.
 
     python bench/uptrain_throughput.py                       # CPU, fp32
     python bench/uptrain_throughput.py --device cuda --micro-batch 16 --seq-len 2048   # GPU, bf16, MFU
+    python bench/uptrain_throughput.py --device cuda --shape smollm2-1.7b --micro-batch 4 --seq-len 2048
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ sys.path.insert(0, str(ROOT))
 def one_layout(layout: str, args) -> dict:
     import torch
 
-    from bench.shapes import SMOLLM2_135M, peak_flops
+    from bench.shapes import SHAPES, peak_flops
     from bench.variants import split_variants, with_variants
     from models import SharedKVConfig, SharedKVForCausalLM
+    from uptrain import fast_path
     from uptrain.engine import ds_config, init_distributed, optimizer_and_schedule
     from uptrain.recipe import Recipe
     from uptrain.train import batch_loss
@@ -37,15 +41,18 @@ def one_layout(layout: str, args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    source_config = LlamaConfig(**SMOLLM2_135M)
+    source_config = LlamaConfig(**SHAPES[args.shape])
     source_config._attn_implementation = "sdpa"
-    if layout == "source":
-        model = LlamaForCausalLM(source_config)
-    else:
-        base, variants = split_variants(layout)
-        model = with_variants(SharedKVForCausalLM(SharedKVConfig.from_source(source_config, base)), variants)
-    recipe = Recipe(micro_batch=args.micro_batch, seq_len=args.seq_len, zero_stage=2,
+    recipe = Recipe(micro_batch=args.micro_batch, seq_len=args.seq_len, zero_stage=2, kernels=args.kernels,
                     precision="bf16" if args.device == "cuda" else "fp32", activation_checkpointing=False)
+    with torch.device(args.device):  # a 1.7B model initialised on the host takes longer than its benchmark
+        if layout == "source":
+            model = LlamaForCausalLM(source_config)
+        else:
+            base, variants = split_variants(layout)
+            model = with_variants(SharedKVForCausalLM(SharedKVConfig.from_source(source_config, base)), variants)
+    dtype = torch.bfloat16 if recipe.precision == "bf16" else torch.float32
+    kernels = fast_path.enable(model, recipe.kernels, recipe.zero_stage, recipe.loss, dtype)  # as uptrain's train()
     optimizer, schedule = optimizer_and_schedule(model, recipe, total_steps=args.steps + 2)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config(recipe, world))
@@ -64,7 +71,7 @@ def one_layout(layout: str, args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     tokens_per_s = args.steps * batch.numel() / seconds
     result = {"layout": layout, "parameters": params, "tokens_per_s": tokens_per_s,
-              "flops_per_s": 6 * params * tokens_per_s}
+              "flops_per_s": 6 * params * tokens_per_s, "kernels": kernels or "plain PyTorch"}
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.device == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
@@ -75,9 +82,14 @@ def one_layout(layout: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.shapes import SHAPES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", default="source,fusedkv,fusedkv_lite,skipv1")
+    parser.add_argument("--shape", default="smollm2-135m", choices=SHAPES, help="model shape (bench/shapes.py)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--kernels", default="auto", choices=["auto", "plain"],
+                        help="auto: uptrain's GPU fast path (Liger kernels where they work); plain: PyTorch's")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -90,25 +102,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from bench.machine import machine_info
 
-    results = {}
+    results, failed = {}, []
     for layout in args.layouts.split(","):
         cmd = [sys.executable, __file__, "--one", layout, "--device", args.device, "--steps", str(args.steps),
-               "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len)]
+               "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len), "--shape", args.shape,
+               "--kernels", args.kernels]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        if proc.returncode != 0:
-            raise SystemExit(f"{layout} failed:\n{proc.stderr[-3000:]}")
+        if proc.returncode != 0:  # the other layouts still run and are written
+            results[layout] = {"layout": layout, "error": proc.stderr[-3000:]}
+            failed.append(layout)
+            print(f"{layout:>13}: failed\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
+            continue
         results[layout] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{layout:>13}: {results[layout]['tokens_per_s']:.1f} tokens/s", flush=True)
-    base = results.get("source")
-    if base:
-        for res in results.values():
-            res["tokens_per_s_vs_source"] = res["tokens_per_s"] / base["tokens_per_s"]
+        mfu = f", MFU {results[layout]['mfu']:.3f}" if "mfu" in results[layout] else ""
+        print(f"{layout:>13}: {results[layout]['tokens_per_s']:.1f} tokens/s{mfu} ({results[layout]['kernels']})",
+              flush=True)
+    base = results.get("source", {}).get("tokens_per_s")
+    for res in results.values():
+        if base and "tokens_per_s" in res:
+            res["tokens_per_s_vs_source"] = res["tokens_per_s"] / base
     out = Path(args.out or ROOT / "bench" / "results" / f"uptrain_{args.device}.json")
     payload = {"benchmark": "uptrain_throughput", "machine": machine_info(), "settings": vars(args),
-               "model": "SmolLM2-135M shape, random init", "zero_stage": 2, "results": results}
+               "model": f"{args.shape} shape, random init", "zero_stage": 2, "results": results}
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

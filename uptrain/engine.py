@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from common.errors import UserError
 from models.layout_tensors import adapts
 
-from .recipe import Recipe
+from .fast_path import fused_adamw, training_device
+from .recipe import Recipe, users_deepspeed
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "configs" / "deepspeed_zero.json"
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
@@ -80,17 +82,70 @@ def use_bf16(recipe: Recipe) -> bool:
     return recipe.precision == "bf16" or (recipe.precision == "auto" and torch.cuda.is_available())
 
 
+def merged(base: dict, over: dict) -> dict:
+    """base with over's settings on top, section by section (a nested mapping merges, a value replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def recipe_settings(recipe: Recipe, world_size: int) -> dict[tuple[str, ...], tuple[object, str]]:
+    """The DeepSpeed settings the recipe decides: path -> (value, the recipe key that sets it)."""
+    offload = recipe.offload and recipe.zero_stage > 0
+    return {
+        ("train_micro_batch_size_per_gpu",): (recipe.micro_batch, "micro_batch"),
+        ("gradient_accumulation_steps",): (recipe.grad_accum, "grad_accum"),
+        ("train_batch_size",): (recipe.micro_batch * recipe.grad_accum * world_size,
+                                f"micro_batch x grad_accum x {world_size} ranks"),
+        ("gradient_clipping",): (recipe.grad_clip, "grad_clip"),
+        ("zero_optimization", "stage"): (recipe.zero_stage, "zero_stage"),
+        ("bf16", "enabled"): (use_bf16(recipe), "precision"),
+        ("fp16", "enabled"): (False, "precision (bf16 or fp32)"),
+        ("zero_optimization", "offload_optimizer", "device"): ("cpu" if offload else "none", "offload"),
+    }
+
+
 def ds_config(recipe: Recipe, world_size: int) -> dict:
-    config = json.loads(TEMPLATE.read_text())
-    config["train_micro_batch_size_per_gpu"] = recipe.micro_batch
-    config["gradient_accumulation_steps"] = recipe.grad_accum
-    config["train_batch_size"] = recipe.micro_batch * recipe.grad_accum * world_size
-    config["gradient_clipping"] = recipe.grad_clip
-    config["zero_optimization"]["stage"] = recipe.zero_stage
-    config["bf16"]["enabled"] = use_bf16(recipe)
-    if recipe.offload and recipe.zero_stage > 0:
-        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    """configs/deepspeed_zero.json, the user's DeepSpeed JSON (recipe key deepspeed) over it, and the
+    recipe's own settings over both. Where the user's file sets one of those, it must say the same
+    or "auto" (as in the Hugging Face Trainer's DeepSpeed configs): a different value is refused
+    in one line, so a run never trains with a batch size or ZeRO stage its recipe does not show."""
+    users = users_deepspeed(recipe.deepspeed) if recipe.deepspeed is not None else {}
+    where = recipe.deepspeed if isinstance(recipe.deepspeed, str) else "recipe key deepspeed"
+    for section in ("optimizer", "scheduler"):
+        if section in users:
+            raise UserError(f"{where} sets {section!r}: the recipe owns the optimizer and its schedule (lr, betas, "
+                            f"weight_decay, warmup_steps, min_lr_ratio); remove {section!r} from it")
+    config = merged(json.loads(TEMPLATE.read_text()), users)
+    for path, (value, key) in recipe_settings(recipe, world_size).items():
+        given = users
+        for part in path:
+            given = given.get(part) if isinstance(given, dict) else None
+        if given is not None and given != "auto" and given != value:
+            raise UserError(f"{where} sets {'.'.join(path)} to {given!r} but the recipe says {value!r} ({key}); "
+                            f"remove it from {where}, write \"auto\", or change the recipe")
+        section = config
+        for part in path[:-1]:
+            section = section.setdefault(part, {})
+        section[path[-1]] = value
+    if config["zero_optimization"]["offload_optimizer"]["device"] == "none":  # DeepSpeed reads the section's
+        del config["zero_optimization"]["offload_optimizer"]                  # presence in places: none at all
+    if users:
+        refused_by_deepspeed(config, where)
     return config
+
+
+def refused_by_deepspeed(config: dict, where: str) -> None:
+    """DeepSpeed's own check of a config (unknown or mistyped keys, bad values), as one line now rather
+    than a traceback once the models are loaded."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    try:  # the batch sizes are the recipe's, checked above: DeepSpeed works out the total for its own world
+        DeepSpeedConfig({key: value for key, value in config.items() if key != "train_batch_size"})
+    except (ValidationError, ValueError, AssertionError, TypeError, KeyError) as err:
+        raise UserError(f"DeepSpeed refuses the settings of {where}: {err}") from err
 
 
 def warmed_up_first(name: str, config) -> bool:
@@ -132,5 +187,6 @@ def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
                 lambdas.append(schedule)
     # fused: one kernel, no temporaries; the default (a loop over tensors on a CPU) makes two of each
     # tensor's size (the tied embedding's: 0.22 GB at SmolLM2-135M), foreach (on GPUs) of all of them
-    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas), fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas),
+                                  fused=fused_adamw(str(training_device())))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -77,6 +77,9 @@ def chunked_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch
     chunk_tokens = chunk_tokens or max(CHUNK_TOKENS, CHUNK_LOGITS // head.out_features)
     labels = next_token_labels(input_ids).reshape(-1)
     hidden = hidden.reshape(-1, width)
+    fused = getattr(head, "fused_lm_loss", None)  # the GPU fast path's output layer (uptrain/fast_path.py)
+    if fused is not None and teacher_head is None and torch.is_grad_enabled() and hidden.requires_grad:
+        return fused(hidden, labels), None
     teacher_chunks = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).split(chunk_tokens) if teacher_hidden is not None \
         else [None] * len(labels.split(chunk_tokens))
     recompute = torch.is_grad_enabled() and hidden.requires_grad

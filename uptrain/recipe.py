@@ -6,7 +6,9 @@ cosine schedule, lr 1.5e-4 for small models, no dropout). ``--set key=value`` ov
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 
@@ -41,7 +43,13 @@ class Recipe:
     grad_clip: float = option(1.0, "gradient-norm clip (0: none)", at_least=0)
     zero_stage: int = option(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
     offload: bool = option(False, "ZeRO offload of optimizer state to CPU memory")
+    deepspeed: str | dict | None = option(None, "a DeepSpeed JSON file (or its mapping) merged over "
+                                          "configs/deepspeed_zero.json; the keys this recipe sets (batch sizes, "
+                                          "ZeRO stage, precision, clipping, offload) may only repeat it or say auto")
     activation_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    kernels: str = option("auto", "auto: on a CUDA GPU, Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear "
+                          "cross-entropy where installed and correct there (uptrain/fast_path.py); plain: PyTorch's",
+                          choices=("auto", "plain"))
     precision: str = option("auto", "auto = bf16 on a GPU, fp32 on a CPU", choices=("auto", "fp32", "bf16"))
     loss: str = option("lm", "next-token loss, distillation from the source, or both", choices=("lm", "kd", "lm+kd"))
     kd_temperature: float = option(2.0, "distillation temperature", above=0)
@@ -75,15 +83,37 @@ class Recipe:
                 with named(name):
                     parse_specs(getattr(self, name))
         shard_size("export_max_shard_size", self.export_max_shard_size)
+        if self.deepspeed is not None:
+            users_deepspeed(self.deepspeed)
 
 
 # Keys a resume may change: none of them decides the data order, the model or the optimizer.
 RESUMABLE = ("out", "save_every", "keep_last", "eval_every", "log_every", "eval_tokens", "max_skipped_steps",
-             "token_cache", "export_dtype", "export_max_shard_size", "export_at")
+             "token_cache", "export_dtype", "export_max_shard_size", "export_at", "kernels")
 
 
 def load_recipe(path: str | None, overrides: list[str] = (), flags: dict | None = None) -> Recipe:
     return load_options(Recipe, path, overrides, flags)
+
+
+def users_deepspeed(spec) -> dict:
+    """A user's DeepSpeed settings, as the Hugging Face Trainer and axolotl take them: the path of a
+    DeepSpeed JSON file, or the mapping itself (a recipe's YAML or `--set`)."""
+    if isinstance(spec, dict):
+        return spec
+    if not isinstance(spec, str):
+        raise UserError(f"recipe key deepspeed must be the path of a DeepSpeed JSON file, got {spec!r}")
+    try:
+        config = json.loads(Path(spec).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"cannot read the deepspeed config {spec}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"the deepspeed config {spec} is not UTF-8 text ({err.reason})") from err
+    except json.JSONDecodeError as err:
+        raise UserError(f"the deepspeed config {spec} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise UserError(f"the deepspeed config {spec} must be a JSON object of DeepSpeed settings")
+    return config
 
 
 def typed_betas(betas) -> tuple[float, float]:

@@ -141,7 +141,7 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
     run_dir = run_folder_of(recipe, model_path)
 
     from .blend import BlendSchedule, attach as attach_blend
-    from .engine import init_distributed, return_freed_memory
+    from .engine import ds_config, init_distributed, return_freed_memory
     from .train import train
 
     return_freed_memory(count_params(model_path))  # before the token store and the models: what they free goes back too
@@ -149,6 +149,7 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
     if recipe.global_batch and recipe.global_batch != recipe.micro_batch * recipe.grad_accum * world_size:
         raise UserError(f"global_batch {recipe.global_batch} != micro_batch {recipe.micro_batch} x grad_accum "
                         f"{recipe.grad_accum} x {world_size} ranks")
+    ds_config(recipe, world_size)  # a user's DeepSpeed JSON that contradicts the recipe: refused before any work
     resuming = resume or resume_from is not None
     if rank == 0:
         check_outputs(recipe, model_path, source_path, run_dir)

@@ -12,7 +12,7 @@ from common.console import console, progress
 from common.errors import UserError
 from common.outputs import user_os_errors
 
-from . import blend as blending, checkpoint
+from . import blend as blending, checkpoint, fast_path
 from .data import TrainData
 from .engine import ds_config, optimizer_and_schedule, use_bf16
 from .loss import chunked_losses, final_hidden_states
@@ -42,12 +42,14 @@ class Diverged(UserError):
 
 @torch.no_grad()
 def eval_ppl(engine, sequences: torch.Tensor, micro_batch: int, zero3: bool) -> float:
-    """Held-out perplexity; inf once the mean loss is too large for exp (a diverged model)."""
+    """Held-out perplexity; inf once the mean loss is too large for exp (a diverged model). engine may
+    be a bare model (an export reloaded: bench/device_check.py)."""
     engine.eval()
     total, count = 0.0, 0
+    head = getattr(engine, "module", engine).get_output_embeddings()
     for start in range(0, len(sequences), micro_batch):
         batch = sequences[start : start + micro_batch].to(engine.device)
-        loss, _ = chunked_losses(final_hidden_states(engine, batch), engine.module.get_output_embeddings(), batch)
+        loss, _ = chunked_losses(final_hidden_states(engine, batch), head, batch)
         n = batch.numel() - batch.shape[0]
         total, count = total + loss.float().item() * n, count + n
     if zero3:
@@ -78,6 +80,10 @@ def train(model, tokenizer, teacher, data: TrainData, recipe: Recipe, total_step
 
     if recipe.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kernels = fast_path.enable(model, recipe.kernels, recipe.zero_stage, recipe.loss,
+                               torch.bfloat16 if use_bf16(recipe) else torch.float32)
+    if kernels and rank == 0:
+        console.print(kernels)
     optimizer, schedule = optimizer_and_schedule(model, recipe, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config(recipe, world_size))
