@@ -26,9 +26,9 @@ def ratio_curve(arm: dict, text: str, reference: str, scratch: dict | None) -> l
         if reference == "vs_scratch":
             if scratch is None:
                 return []
-            curve.append((point["share_of_pretraining_tokens"], entry["ppl"] / scratch["texts"][text]["ppl"], None))
+            curve.append((point["share_of_pretraining_flops"], entry["ppl"] / scratch["texts"][text]["ppl"], None))
         elif entry[reference] and entry[reference]["ratio"] is not None:
-            curve.append((point["share_of_pretraining_tokens"], entry[reference]["ratio"], entry[reference]["ci_high"]))
+            curve.append((point["share_of_pretraining_flops"], entry[reference]["ratio"], entry[reference]["ci_high"]))
     return curve
 
 
@@ -80,12 +80,12 @@ def describe(fit: dict | None) -> str:
 
 def table(results: dict, fitted: dict) -> str:
     """Markdown: per shape and arm, the ratio to the control at 5% and 15% of C and where 1.01x is reached."""
-    lines = ["| source | arm | KV/token | code vs control @5% / @15% | code: 1.01x source | code: 1.01x control | "
+    lines = ["| source | arm | KV/token | code vs control at 5% / 15% of C's tokens | code: 1.01x source | code: 1.01x control | "
              "code: 1.01x scratch | prose vs control @15% | prose: 1.01x control |",
              "|---|---|---:|---:|---|---|---|---:|---|"]
     for shape, data in results["shapes"].items():
         for name, arm in sorted(data.get("arms", {}).items(), key=lambda kv: (kv[1]["layout"] or "", kv[0])):
-            at = {p["share_of_pretraining_tokens"]: p for p in arm["points"]}
+            at = {p["share_of_pretraining_tokens"]: p for p in arm["points"]}  # the measured points
             last = arm["points"][-1]
             kv = f"{last['kv_bytes_per_token'] / last['source_kv_bytes_per_token']:.0%}"
 
@@ -123,7 +123,7 @@ def plot(results: dict, path: Path) -> None:
             ax.axvspan(10, 15, color="0.92", label="papers' budget (10-15% of C)")
             ax.axhline(TARGET, color="0.3", linewidth=0.8, linestyle=":", label=f"{TARGET}x the source")
             for k, (name, arm) in enumerate(sorted(arms.items())):
-                xs = [100 * p["share_of_pretraining_tokens"] for p in arm["points"]]
+                xs = [100 * p["share_of_pretraining_flops"] for p in arm["points"]]
                 ys = [p["texts"][text]["vs_source"]["ratio"] for p in arm["points"]]
                 if arm["layout"] is None:
                     style = dict(color=f"{0.15 * k:.2f}", linestyle="--", linewidth=1.8)
@@ -134,7 +134,7 @@ def plot(results: dict, path: Path) -> None:
                 ax.plot(xs, ys, marker="o", markersize=3, label=name, **style)
             top = max(y for line in ax.get_lines() for y in line.get_ydata())
             ax.set_ylim(bottom=min(0.95, ax.get_ylim()[0]), top=min(CLIP, top * 1.02))  # where parity is decided
-            ax.set_xlabel("uptraining tokens, % of the source's pretraining tokens (C)")
+            ax.set_xlabel("uptraining compute, % of the source's pretraining compute C (6N FLOPs a token; kd adds the teacher's 2N)")
             ax.set_ylabel("perplexity / the source's")
             ax.set_title(f"{shape}: {title}" + (f" (clipped at {CLIP}x)" if top > CLIP else ""))
             ax.grid(True, which="both", alpha=0.3)

@@ -145,6 +145,11 @@ def uptrain_in_place(recipe) -> Path:
     return uptrain.run(recipe, resume=resume).final
 
 
+def shown(path: str) -> str:
+    """A path as the results show it: relative to the project where it is inside it."""
+    return os.path.relpath(path, ROOT) if Path(path).resolve().is_relative_to(ROOT) else path
+
+
 def count_params(folder: Path) -> int:
     from uptrain.stage import count_params as counted
 
@@ -189,7 +194,8 @@ def pretrain(shape_name: str) -> dict:
     manifest = {"shape": shape_name, **asdict(shape), "params": params, "tokens": tokens, "steps": records[-1]["step"],
                 "flops_6n": 6.0 * params * tokens, "tokens_per_param": tokens / params,
                 "corpus": json.loads((corpus() / "corpus.json").read_text()),
-                "recipe": {k: v for k, v in asdict(recipe).items() if k not in ("model", "out", "token_cache")},
+                "recipe": {k: shown(v) if k in ("data", "eval_data") else v for k, v in asdict(recipe).items()
+                           if k not in ("model", "out", "token_cache")},
                 "final_eval_ppl": records[-1].get("eval_ppl"),
                 "eval_curve": [(r["step"], r["eval_ppl"]) for r in records if "eval_ppl" in r],
                 "tokens_per_s_median": round(rates[len(rates) // 2]), "machine": machine_info(),
@@ -222,7 +228,9 @@ UPTRAIN = dict(lr_share_of_pretraining=1 / 3, warmup_share=0.02, min_lr_ratio=0.
 # Recipe variants, `+name` after an arm's name. Those that change the schedule change the control's too
 # (SHARED_WITH_CONTROL): a candidate is always judged against the control trained as it was.
 VARIANTS = {
-    "kd": {"loss": "lm+kd"},  # distillation from the source beside the data loss
+    "kd": {"loss": "lm+kd"},  # distillation from the source beside the data loss (temperature 2)
+    "kdt1": {"loss": "lm+kd", "kd_temperature": 1.0},
+    "kdonly": {"loss": "kd", "kd_temperature": 1.0},  # the source's distribution alone, as Minitron recovers
     "lr1x": {"lr_share_of_pretraining": 1.0},  # re-warmed to pretraining's peak
     "lr2x": {"lr_share_of_pretraining": 2 / 3},
     "layerwise": {"blend_share": 0.025, "blend_schedule": "layerwise"},  # one layer at a time, top first
@@ -385,9 +393,10 @@ def evaluate_arm(shape_name: str, arm_name: str) -> dict:
             for text in judged["texts"].values():
                 text["vs_control"], text["control_ppl"] = text["vs_source"], text["source_ppl"]
         tokens = step * per_step
+        # 6N a token trained, and 2N of the source's a token for the teacher's forward pass with kd
+        flops = 6.0 * judged["params"] * tokens + (2.0 * manifest["params"] * tokens if recipe.loss != "lm" else 0.0)
         points.append({"share_of_pretraining_tokens": share, "step": step, "tokens": tokens,
-                       "share_of_pretraining_flops": 6.0 * judged["params"] * tokens / manifest["flops_6n"],
-                       **judged})
+                       "share_of_pretraining_flops": flops / manifest["flops_6n"], **judged})
     return {"arm": arm_name, "layout": arm.layout, "init": arm.init, "control": arm.control,
             "recipe": {k: v for k, v in asdict(recipe).items()
                        if k not in ("model", "source", "out", "token_cache", "data", "eval_data")},
@@ -453,28 +462,39 @@ def recorded(shape_name: str, kind: str) -> set[str]:
 
 
 def run_arms(shape_name: str, names: list[str], jobs: int) -> None:
-    """Train the arms, their controls first, `jobs` at a time; judge each once it and its control are
-    trained, and record its result as soon as it is judged."""
+    """Train the arms, their controls first, `jobs` at a time; judge each as soon as it and its control
+    are trained (judging goes before training more), and record its result once judged."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     done = recorded(shape_name, "arms")
     controls = sorted({parse_arm(n).control for n in names})
-    todo = [n for n in dict.fromkeys(controls + names) if n not in done or n in controls]
+    to_train = [n for n in dict.fromkeys(controls + names) if n not in done or n in controls]
+    to_judge = [n for n in to_train if n not in done]
+    trained: set[str] = set()
+    running: dict[concurrent.futures.Future, tuple[str, str]] = {}
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
-        training = {pool.submit(train_arm, shape_name, name): name for name in todo}
-        judging, trained = {}, set()
-        for future in concurrent.futures.as_completed(training):
-            trained.add(future.result())
-            for name in todo:
-                if name in trained and parse_arm(name).control in trained and name not in done \
-                        and name not in judging.values():
-                    judging[pool.submit(evaluate_arm, shape_name, name)] = name
-        for future in concurrent.futures.as_completed(judging):
-            result = future.result()
-            record(shape_name, "arms", result["arm"], result)
-            print(f"{shape_name} {result['arm']}: " + ", ".join(
-                f"{100 * p['share_of_pretraining_tokens']:.3g}%: x{p['texts']['code']['vs_control']['ratio']:.3f}"
-                for p in result["points"]), flush=True)
+        while to_train or to_judge or running:
+            while len(running) < jobs:
+                ready = [n for n in to_judge if n in trained and parse_arm(n).control in trained]
+                if ready:
+                    to_judge.remove(ready[0])
+                    running[pool.submit(evaluate_arm, shape_name, ready[0])] = ("judge", ready[0])
+                elif to_train:
+                    name = to_train.pop(0)
+                    running[pool.submit(train_arm, shape_name, name)] = ("train", name)
+                else:
+                    break
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                kind, name = running.pop(future)
+                result = future.result()
+                if kind == "train":
+                    trained.add(name)
+                    continue
+                record(shape_name, "arms", name, result)
+                print(f"{shape_name} {name}: " + ", ".join(
+                    f"{100 * p['share_of_pretraining_tokens']:.3g}%: x{p['texts']['code']['vs_control']['ratio']:.3f}"
+                    for p in result["points"]), flush=True)
 
 
 def main() -> None:

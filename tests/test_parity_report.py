@@ -30,7 +30,7 @@ def test_a_curve_at_parity_from_the_start_needs_no_compute():
 
 
 def point(share, ppl, vs_source, vs_control):
-    return {"share_of_pretraining_tokens": share, "texts": {
+    return {"share_of_pretraining_flops": share, "texts": {
         text: {"ppl": ppl, "vs_source": {"ratio": vs_source, "ci_high": vs_source},
                "vs_control": {"ratio": vs_control, "ci_high": vs_control}} for text in ("code", "wikitext")}}
 
