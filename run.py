@@ -7,6 +7,8 @@
     python run.py generate  --out FILE.jsonl   (the source's own text, for loss: kd without a dataset)
     python run.py demo      (the whole pipeline on the embedded SmolLM2-135M)
 
+`kvshare <command> ...` (installed by `pip install -e .`, make venv) is the same entry point.
+
 User mistakes print one line and exit 2; every subcommand returns its own exit code.
 """
 from __future__ import annotations
@@ -58,7 +60,8 @@ def _terminate(signum, frame) -> NoReturn:
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     """Every subcommand is listed; only the chosen one is imported (keeps `--help` and start-up fast)."""
-    parser = Parser(prog="run.py", description=__doc__.splitlines()[0])
+    prog = "kvshare" if os.path.basename(sys.argv[0]) == "kvshare" else "run.py"  # as the user typed it
+    parser = Parser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -70,7 +73,6 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common.console import console
     from common.errors import UserError
     from common.sources import writable_module_cache

@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.machine import machine_info
 
-from bench.machine import machine_info  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def synthetic_checkpoint(folder: Path, layers: int, hidden: int, vocab: int, shard_bytes: int) -> dict:

@@ -21,14 +21,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.machine import machine_info  # noqa: E402
-from bench.shapes import random_source  # noqa: E402
-from bench.variants import split_variants, with_variants  # noqa: E402
-from common.sources import load_causal_lm  # noqa: E402
-from models import LAYOUTS, SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes  # noqa: E402
-from validate.kvcache import arithmetic_bytes_per_token  # noqa: E402
+from bench.machine import machine_info
+from bench.shapes import random_source
+from bench.variants import split_variants, with_variants
+from common.sources import load_causal_lm
+from models import LAYOUTS, SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes
+from validate.kvcache import arithmetic_bytes_per_token
 
 
 def layout_model(source, layout: str):

@@ -36,10 +36,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.e2e_uptrain import SHAPES, bounded, uptrain
 
-from bench.e2e_uptrain import SHAPES, bounded, uptrain  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RESERVE = 8  # seconds kept back at the end for the last summary
 MIN_STEP = 20  # a step is not started with less time than this left

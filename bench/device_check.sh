@@ -36,6 +36,8 @@ if [ -z "${DRY:-}" ]; then
     fi
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# the copy on the GPU machine is not installed (make venv's pip install -e .): its packages import from here
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 installed=$(( $(date +%s) - START ))
 
 END=$(( START + DEADLINE ))

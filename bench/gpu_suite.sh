@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-bench/results}
 PY=${PY:-python3}
+# a checkout that make venv did not install (pip install -e .), as on a GPU machine: its packages import from here
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$RESULTS"
 $PY bench/decode.py --model random --device cuda --dtype bfloat16 --contexts 1024,4096,16384 \
     --layouts source,sharing_off,fusedkv,fusedkv_fuse_first,fusedkv_compiled_fuse_first,fusedkv_lite,skipv1 \

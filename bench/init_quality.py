@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.machine import machine_info
+import convert
+from common.options import load_options, parse_override
+from common.sources import default_wikitext, load_causal_lm, load_tokenizer
+from validate.perplexity import score_windows
 
-from bench.machine import machine_info  # noqa: E402
-import convert  # noqa: E402
-from common.options import load_options, parse_override  # noqa: E402
-from common.sources import default_wikitext, load_causal_lm, load_tokenizer  # noqa: E402
-from validate.perplexity import score_windows  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 INITS = ("copy", "calibrated", "reconstruct")
 

@@ -22,17 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.machine import machine_info
+import uptrain
+import validate
+from uptrain.generate import GenerateOptions, run as generate
+from uptrain.recipe import load_recipe
 
-from bench.machine import machine_info  # noqa: E402
-import uptrain  # noqa: E402
-import validate  # noqa: E402
-from uptrain.generate import GenerateOptions, run as generate  # noqa: E402
-from uptrain.recipe import load_recipe  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RECIPE = ROOT / "configs" / "uptrain-demo-cpu.yaml"
 ARMS = {

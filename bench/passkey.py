@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import convert
+from bench.machine import machine_info
+from common.options import load_options
+from common.sources import load_causal_lm, load_tokenizer
+from validate import passkey
 
-import convert  # noqa: E402
-from bench.machine import machine_info  # noqa: E402
-from common.options import load_options  # noqa: E402
-from common.sources import load_causal_lm, load_tokenizer  # noqa: E402
-from validate import passkey  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 INITS = convert.options.INITS
 

@@ -16,14 +16,13 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.machine import machine_info
+import uptrain
+from uptrain.metrics import plot_eval_curves, read_records
+from uptrain.recipe import load_recipe
+from uptrain.stage import control_folder
 
-from bench.machine import machine_info  # noqa: E402
-import uptrain  # noqa: E402
-from uptrain.metrics import plot_eval_curves, read_records  # noqa: E402
-from uptrain.recipe import load_recipe  # noqa: E402
-from uptrain.stage import control_folder  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RECIPE = ROOT / "configs" / "uptrain-demo-cpu.yaml"
 BLEND_SCHEDULES = {"blend": "linear", "cosine": "cosine", "switch": "switch"}  # arm option -> blend_schedule

@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # stream -> (layouts converted and scored at step 0, inits, uptraining arms)
 STREAMS: dict[str, tuple[str, str, str]] = {

@@ -17,10 +17,9 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.machine import machine_info
 
-from bench.machine import machine_info  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 LAYOUTS = ("fusedkv_lite", "skipv1", "fusedkv", "commonkv")
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "token_store.json"
 TOKENS_PER_WORD = 2.2  # measured for these words with SmolLM2's tokenizer (the store counts the real tokens)
 

@@ -115,7 +115,6 @@ def _arm(case: Case):
 
 def child(spec: Path) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
-    sys.path.insert(0, str(ROOT))
     import run
 
     for raw in json.loads(spec.read_text()):

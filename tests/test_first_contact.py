@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import WITHOUT_PROJECT
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 # tqdm's bars ("Loading weights: 100%|####| 302/302 [...]") report progress, they warn of nothing
 PROGRESS_BAR = re.compile(r"^[^\n\r]*\d+%\|[^\n\r]*$")
@@ -23,7 +25,7 @@ def test_readme_example_loads_and_generates_without_prompt_or_warning(make_sourc
     assert cli("convert", "--source", make_source(), "--layout", "fusedkv", "--out", user / folder) == 0
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    run = subprocess.run([sys.executable, "-c", code], cwd=user, env=env, stdin=subprocess.DEVNULL,
+    run = subprocess.run([sys.executable, "-c", WITHOUT_PROJECT + code], cwd=user, env=env, stdin=subprocess.DEVNULL,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     noise = [line for line in re.split(r"[\r\n]+", run.stderr) if line.strip() and not PROGRESS_BAR.match(line)]

@@ -11,7 +11,7 @@ from transformers import MistralForCausalLM, Qwen2ForCausalLM, Qwen3Config, Qwen
 
 from models import SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes
 from models.modeling_sharedkv import FusedAttention, SkipV1Attention
-from tests.conftest import LLAMA3_ROPE
+from tests.conftest import LLAMA3_ROPE, WITHOUT_PROJECT
 
 VOCAB = 101
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
@@ -397,7 +397,7 @@ def test_eager_and_sdpa_attention_agree(layout):
 
 # --- save / load ---------------------------------------------------------------------------------
 
-LOAD_SCRIPT = """
+LOAD_SCRIPT = WITHOUT_PROJECT + """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()

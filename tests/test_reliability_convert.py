@@ -93,7 +93,6 @@ def test_force_refuses_to_replace(case, make_source, cli, tmp_path, capsys, monk
 
 KILLED = """
 import os, signal, sys
-sys.path.insert(0, {root!r})
 import convert.writer, run
 opened = convert.writer.ShardWriter.open
 def open_then_signal(self):  # the shards exist, half-written
@@ -105,7 +104,7 @@ sys.exit(run.main(sys.argv[1:]))
 
 
 def run_killed(signal: str, *argv) -> subprocess.CompletedProcess:
-    script = KILLED.format(root=str(ROOT), signal=signal)
+    script = KILLED.format(signal=signal)
     return subprocess.run([sys.executable, "-c", script, "convert", *map(str, argv)], capture_output=True, text=True,
                           timeout=120)
 
