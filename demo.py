@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
     parser.add_argument("--out", default="runs/demo", help="folder for checkpoints, runs and reports")
     parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
+    parser.add_argument("--mini-share", type=float, default=MINI_SHARE,
+                        help="part one: uptraining tokens of the mini source, as a share of its pretraining tokens "
+                             f"(default {MINI_SHARE:g}; 0 skips part one; skipped with --source)")
 
 
 def staged(stage: str, options, flags, config: str | None = None, keep=(), **kwargs):
@@ -105,11 +108,16 @@ def uptrain_step(model: Path | None, run: Path, args: argparse.Namespace) -> Pat
     from uptrain.cli import FLAGS
     from uptrain.stage import control_folder
 
+    from common.sources import default_model_path
+
     run_dir = control_folder(run) if model is None else run
     config = os.path.relpath(DEMO_RECIPE)  # as the user would type it, from where they stand
+    # The control arm trains the source itself: named outright, not through the recipe's conversion
+    # (the demo writes its conversions under --out, not where the recipe's model points).
+    trained = model if model is not None else (args.source or default_model_path())
     recipe = load_options(Recipe, config, flags={
         "out": str(run), "budget": {"steps": args.steps}, "eval_every": max(1, args.steps // 2),
-        "save_every": args.steps, "eval_tokens": 2 * args.max_tokens, "model": str(model) if model else None,
+        "save_every": args.steps, "eval_tokens": 2 * args.max_tokens, "model": str(trained),
         "source": args.source, "control_arm": model is None})
     same = started_with(run_dir, recipe) and not args.force  # another --steps or --source starts again
     if same and (run_dir / "final" / "config.json").exists():
@@ -176,6 +184,8 @@ def behaviour(models: dict[str, Path | None], scored: str, args: argparse.Namesp
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.source is None and args.mini_share > 0:
+        parity_on_a_mini_source(args)
     layouts = list(LAYOUTS) if args.layouts == "all" else [x.strip() for x in args.layouts.split(",") if x.strip()]
     unknown = [x for x in layouts if x not in LAYOUTS]
     if unknown:
@@ -260,3 +270,125 @@ def plot_quality_per_compute(out: Path, layouts: list[str], args) -> None:
     path = out / "quality_per_compute.png"
     plot_eval_curves(curves, path, "held-out perplexity (WikiText-2 validation tail) vs tokens", reference=control)
     console.print(f"quality per compute: {path}")
+
+
+# ---------------------------------------------------------------- part one: parity where C is known
+
+MINI_SOURCE = ROOT / "data" / "mini-sources" / "mha"
+MINI_RECIPE = ROOT / "configs" / "uptrain-mini.yaml"
+# 2.5% of the source's pretraining tokens: about two minutes on two cores. Not parity: the study
+# (bench/results/parity_study_cpu.json, docs/parity.md) has FusedKV at about 1.5x its control here.
+MINI_SHARE = 0.025
+CODE_PROMPTS = ("def fibonacci(n):\n", "import os\n\n\ndef python_files(folder):\n",
+                "class Stack:\n    def __init__(self):\n")
+
+
+def parity_on_a_mini_source(args: argparse.Namespace) -> None:
+    """A 1.3M-parameter Llama pretrained here on 25.6M tokens of the installed packages' Python
+    (bench/parity_study.py): FusedKV with reconstruct init, uptrained with --mini-share of that
+    compute beside its control, judged by validate, then both and the source complete code."""
+    from common import code_corpus
+    from convert.options import FLAGS
+    from validate.options import FLAGS as VALIDATE_FLAGS
+
+    console.rule("part one: parity on a source pretrained here (data/mini-sources/mha)")
+    out = Path(args.out) / "mini"
+    corpus = out / "corpus"
+    if not (corpus / "corpus.json").is_file():
+        code_corpus.build(corpus, train_per_mille=30)  # ~8 MB of train code, tokenized in seconds
+    target = out / "checkpoints" / "fusedkv-reconstruct"
+    options = convert.ConvertOptions(source=str(MINI_SOURCE), layout="fusedkv", init="reconstruct", out=str(target),
+                                     calib_text=str(code_corpus.calib_text(corpus)), force=True)
+    if args.force or not converted_with(target, options):
+        staged("convert", options, FLAGS, keep=("layout", "init"))
+    manifest = json.loads((MINI_SOURCE / "pretraining.json").read_text())
+    tokens = round(args.mini_share * manifest["tokens"])
+    runs = {name: mini_recipe(model, out / "runs" / name, corpus, tokens)
+            for name, model in (("control", MINI_SOURCE), ("fusedkv", target))}
+    finals = uptrain_in_parallel(runs, args)
+    report = staged("validate", validate.ValidateOptions(
+        source=str(MINI_SOURCE), candidate=str(finals["fusedkv"]), control=str(finals["control"]),
+        data=(str(code_corpus.eval_text(corpus)), str(default_wikitext_test())), max_tokens=16384,
+        context=manifest["seq_len"], stride=manifest["seq_len"], decode_lengths=(128,), decode_new_tokens=8,
+        out=str(out / "report")), VALIDATE_FLAGS)
+    said = in_child(mini_completions, {"source": MINI_SOURCE, **finals}, args.new_tokens)
+    print_mini_summary(report, said, args.mini_share, manifest)
+
+
+def mini_recipe(model: Path, run: Path, corpus: Path, tokens: int) -> Recipe:
+    return load_options(Recipe, os.path.relpath(MINI_RECIPE), flags={
+        "model": str(model), "source": str(MINI_SOURCE), "data": str(corpus / "train.jsonl"),
+        "eval_data": str(corpus / "heldout.jsonl"), "out": str(run), "budget": {"tokens": tokens}})
+
+
+def uptrain_in_parallel(recipes: dict[str, Recipe], args: argparse.Namespace) -> dict[str, Path]:
+    """The candidate and its control at once, one process and one core each (at this size two one-thread
+    processes train 1.2x the tokens of one two-thread process)."""
+    from uptrain.cli import FLAGS
+
+    todo = {}
+    for name, recipe in recipes.items():
+        run_dir = Path(recipe.out)
+        same = started_with(run_dir, recipe) and not args.force
+        if same and (run_dir / "final" / "config.json").exists():
+            continue
+        if not same:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        console.print(f"[bold]$ {command_line('uptrain', recipe, FLAGS, os.path.relpath(MINI_RECIPE))}[/]",
+                      highlight=False, soft_wrap=True)
+        todo[name] = (recipe, same and (run_dir / "checkpoints" / "latest").is_file())
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
+        futures = {name: pool.submit(one_thread, measured, uptrain.run, recipe, {"resume": resume})
+                   for name, (recipe, resume) in todo.items()}
+        for name, future in futures.items():
+            PEAKS["uptrain"] = max(PEAKS.get("uptrain", 0.0), future.result()[1])
+    return {name: Path(recipe.out) / "final" for name, recipe in recipes.items()}
+
+
+def one_thread(fn, *args):
+    import torch
+
+    torch.set_num_threads(1)
+    return fn(*args)
+
+
+def mini_completions(models: dict[str, Path], new_tokens: int) -> dict[str, list[str]]:
+    """(In a child.) Each model's greedy continuation of the code prompts."""
+    from common.sources import load_causal_lm, load_tokenizer
+    from validate.samples import greedy_answers
+
+    return {name: greedy_answers(load_causal_lm(path), load_tokenizer(path), CODE_PROMPTS, new_tokens)
+            for name, path in models.items()}
+
+
+def default_wikitext_test() -> Path:
+    from common.sources import default_wikitext
+
+    return default_wikitext("test")
+
+
+def print_mini_summary(report, said: dict[str, list[str]], share: float, manifest: dict) -> None:
+    data, models = report.data, report.data["models"]
+    kv_source, kv = models["source"]["kv_bytes_per_token_measured"], models["candidate"]["kv_bytes_per_token_measured"]
+    table = Table(title=f"FusedKV on the mini source after {100 * share:g}% of its pretraining tokens "
+                        f"({round(share * manifest['tokens']):,} of {manifest['tokens']:,})")
+    for col in ("text", "source", "control", "FusedKV", "FusedKV / control (95% CI)"):
+        table.add_column(col, justify="right")
+    for text in data["texts"]:
+        ppl, cmp = text["perplexity"], text["comparison"]
+        table.add_row(text["name"], f"{ppl['source']:.2f}", f"{ppl['control']:.2f}", f"{ppl['candidate']:.2f}",
+                      f"x{cmp['ratio']:.3f} ({cmp['ci_low']:.3f}-{cmp['ci_high']:.3f})")
+    table.add_row("KV bytes/token", f"{kv_source:,.0f}", f"{kv_source:,.0f}", f"{kv:,.0f} (-{100 * (1 - kv / kv_source):.0f}%)", "")
+    console.print(table)
+    verdict = data["verdict"]
+    console.print(f"[bold {'green' if verdict['pass'] else 'red'}]{'PASS' if verdict['pass'] else 'FAIL'}[/]: "
+                  f"{verdict['summary']} (tolerance {verdict['tolerance']:g} against the control)")
+    answers = Table(title="greedy code completions")
+    for col in ("prompt", "model", "completion"):
+        answers.add_column(col)
+    for i, prompt in enumerate(CODE_PROMPTS):
+        for k, (name, completions) in enumerate(said.items()):
+            answers.add_row(prompt.strip() if k == 0 else "", name, completions[i], end_section=k == len(said) - 1)
+    console.print(answers)

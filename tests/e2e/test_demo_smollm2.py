@@ -6,7 +6,15 @@ import json
 def test_demo_runs_the_whole_pipeline(cli, tmp_path, capsys):
     out = tmp_path / "demo"
     # copy init: the demo's reconstruct budget takes minutes; what the demo does with any init is the same
-    assert cli("demo", "--init", "copy", "--steps", 1, "--max-tokens", 300, "--new-tokens", 4, "--out", out) == 0
+    # part one with 0.1% of the mini source's pretraining tokens: a few steps, the same path as the default
+    assert cli("demo", "--init", "copy", "--steps", 1, "--max-tokens", 300, "--new-tokens", 4,
+               "--mini-share", 0.001, "--out", out) == 0
+    mini = json.loads((out / "mini" / "report" / "report.json").read_text())
+    assert [t["name"] for t in mini["texts"]] == ["corpus/heldout", "wikitext-2/test"]
+    kv = {name: m["kv_bytes_per_token_measured"] for name, m in mini["models"].items()}
+    assert kv["candidate"] * 2 == kv["source"] == kv["control"]
+    code = mini["texts"][0]["perplexity"]
+    assert code["source"] < 15 and code["candidate"] > code["control"]  # a few steps are far from parity
     report = json.loads((out / "reports" / "fusedkv-copy" / "demo.json").read_text())
     assert set(report["models"]) == {"source", "candidate", "control"}
     assert [t["name"] for t in report["texts"]] == ["wikitext-2/test", "ood/python-docs"]
@@ -24,6 +32,7 @@ def test_demo_runs_the_whole_pipeline(cli, tmp_path, capsys):
     assert control_curve[0] == {"step": 0, "tokens": 0, "eval_ppl": control_curve[0]["eval_ppl"]}  # the plot's step 0
     assert (out / "quality_per_compute.png").is_file()
     err = capsys.readouterr().err
-    assert "nowhere near parity" in err and "greedy answers" in err
+    assert "nowhere near parity" in err and "greedy answers" in err and "greedy code completions" in err
+    assert "part one: parity on a source pretrained here" in err and "--config configs/uptrain-mini.yaml" in err
     assert "$ python run.py convert --layout fusedkv --out" in err and "--init copy" in err  # every stage is shown as the command a user would type
     assert "uptrain: peak memory" in err and set(report["peak_memory_gb"]) == {"uptrain", "convert", "validate"}
