@@ -57,6 +57,20 @@ def test_store_holds_the_straight_tokenization(tmp_path, tokenizer, kind):
     assert store.meta["documents"] == len(DOCS)
 
 
+def test_a_build_removes_what_a_killed_build_left_beside_its_store(tmp_path, tokenizer):
+    from common.outputs import HOST
+    from uptrain.token_store import store_folder
+
+    (tmp_path / "c.txt").write_text("\n\n".join(DOCS))
+    folder = store_folder(tmp_path / "cache", parse_spec(str(tmp_path / "c.txt")), tokenizer)
+    left = folder.parent / f".{folder.name}.partial-{HOST}-{2**22 + 1}-x1y2"  # a pid above Linux's largest: dead
+    (left / "tokens.bin").parent.mkdir(parents=True)
+    (left / "tokens.bin").write_bytes(b"half")
+    store = build(tmp_path, tokenizer, str(tmp_path / "c.txt"))
+    assert store.folder == folder and not left.exists()
+    assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".")) == []
+
+
 def test_store_is_built_once_and_reused(tmp_path, tokenizer):
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     first = build(tmp_path, tokenizer, str(tmp_path / "c.jsonl"))

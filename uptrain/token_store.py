@@ -8,7 +8,8 @@ A store is a folder, named by a fingerprint of the data spec and of the tokenize
 
 The build tokenizes with ``datasets.map`` on every core, from the memory-mapped Arrow files
 ``datasets`` keeps, and writes tokens.bin a batch at a time: its memory is a batch, not the
-corpus. It is staged beside its folder and renamed into place, under a file lock: on each node
+corpus. It is staged beside its folder (named by host and pid as common/outputs.py names stages, so
+the next build removes what a killed one left) and renamed into place, under a file lock: on each node
 the first local rank builds it (or takes the one another node built on a shared path) while the
 other ranks wait for meta.json. Training reads sequences straight from the map, so a rank's
 memory does not grow with the corpus.
@@ -29,7 +30,7 @@ import numpy as np
 from common.console import console, progress
 from common.data import DataSpec, cpu_count, is_saved_dataset, load, local_files, local_root, not_utf8
 from common.errors import UserError
-from common.outputs import made_folder, user_os_errors, waiting_lock
+from common.outputs import made_folder, remove_stale_stages, stage_prefix, user_os_errors, waiting_lock
 
 FORMAT = 2  # 2: meta.json holds the tokens' sha256
 WRITE_BATCH = 4096  # documents per batch when copying token ids into tokens.bin
@@ -177,7 +178,8 @@ def build(spec: DataSpec, tokenizer, folder: Path, max_tokens: int | None = None
     procs = 1 if streaming else max(1, min(cpu_count(), len(ds) // 1000))
     tic = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    remove_stale_stages(folder)  # what a killed build left (common/outputs.py's naming says whose it was)
+    stage = Path(tempfile.mkdtemp(prefix=stage_prefix(folder), dir=folder.parent))
     try:
         map_args = {} if streaming else {"num_proc": procs if procs > 1 else None,
                                          "cache_file_name": str(stage / "ids.arrow"), "desc": "tokenizing"}
