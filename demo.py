@@ -24,12 +24,12 @@ import resource
 import shutil
 from pathlib import Path
 
-import yaml
 from rich.table import Table
 
 import convert
 import uptrain
 import validate
+from checkpoint_io import Conversion, RunFolder
 from common.console import console
 from common.errors import UserError
 from common.options import command_line, load_options
@@ -105,12 +105,10 @@ def in_child(fn, *args):
 
 def uptrain_step(model: Path | None, run: Path, args: argparse.Namespace) -> Path:
     """Uptrain model (None: the control arm, the source itself) into run; returns its final folder."""
-    from uptrain.cli import FLAGS
-    from uptrain.stage import control_folder
-
     from common.sources import default_model_path
+    from uptrain.cli import FLAGS
 
-    run_dir = control_folder(run) if model is None else run
+    folder = RunFolder(run).control() if model is None else RunFolder(run)
     config = os.path.relpath(DEMO_RECIPE)  # as the user would type it, from where they stand
     # The control arm trains the source itself: named outright, not through the recipe's conversion
     # (the demo writes its conversions under --out, not where the recipe's model points).
@@ -119,23 +117,22 @@ def uptrain_step(model: Path | None, run: Path, args: argparse.Namespace) -> Pat
         "out": str(run), "budget": {"steps": args.steps}, "eval_every": max(1, args.steps // 2),
         "save_every": args.steps, "eval_tokens": 2 * args.max_tokens, "model": str(trained),
         "source": args.source, "control_arm": model is None})
-    same = started_with(run_dir, recipe) and not args.force  # another --steps or --source starts again
-    if same and (run_dir / "final" / "config.json").exists():
-        return run_dir / "final"
+    same = started_with(folder.path, recipe) and not args.force  # another --steps or --source starts again
+    if same and folder.finished:
+        return folder.final
     # Only the last step saves a checkpoint (each would write 1.6 GB of optimizer state, seconds on a
     # few minutes' run): a run killed before it starts again, one killed while exporting resumes.
-    resume = same and (run_dir / "checkpoints" / "latest").is_file()
+    resume = same and folder.has_checkpoint
     if not resume:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(folder.path, ignore_errors=True)
     return staged("uptrain", recipe, FLAGS, config, resume=resume).final
 
 
 def started_with(run_dir: Path, recipe: Recipe) -> bool:
     """Whether the run in run_dir was started with exactly this recipe."""
-    saved = run_dir / "recipe.yaml"
     try:
-        return saved.is_file() and yaml.safe_load(saved.read_text()) == as_written(recipe)
-    except yaml.YAMLError:
+        return RunFolder(run_dir).recipe() == as_written(recipe)
+    except UserError:  # a damaged recipe.yaml: start again
         return False
 
 
@@ -155,11 +152,11 @@ def converted_with(target: Path, options: convert.ConvertOptions) -> bool:
     from common.sources import resolve_model_path
 
     try:
-        saved = json.loads((target / "conversion.json").read_text())
-        same_source = Path(saved["source"]["path"]).resolve() == resolve_model_path(options.source).resolve()
-        return same_source and all(saved["options"][k] == getattr(options, k) for k in ("layout", "init", *DEMO_FIT))
-    except (OSError, ValueError, KeyError):
+        saved = Conversion.find(target)
+    except UserError:  # a damaged conversion.json: convert again
         return False
+    return (saved is not None and saved.source.resolve() == resolve_model_path(options.source).resolve()
+            and all(saved.options.get(k) == getattr(options, k) for k in ("layout", "init", *DEMO_FIT)))
 
 
 def validate_step(control: Path, trained: Path, report_dir: Path, args: argparse.Namespace):
@@ -259,14 +256,12 @@ def print_summary(rows, args) -> None:
 
 def plot_quality_per_compute(out: Path, layouts: list[str], args) -> None:
     """Candidate and control eval perplexity from step 0 on, at the same token counts: does the gap close?"""
-    from uptrain.metrics import plot_eval_curves, read_records
-
-    from uptrain.stage import control_folder
+    from uptrain.metrics import plot_eval_curves
 
     control = "control (source, same steps)"
-    runs = {control: control_folder(out / "runs" / "source")}
-    runs.update({f"{layout} ({args.init} init)": out / "runs" / f"{layout}-{args.init}" for layout in layouts})
-    curves = {name: read_records(run / "metrics.jsonl") for name, run in runs.items()}
+    runs = {control: RunFolder(out / "runs" / "source").control()}
+    runs.update({f"{layout} ({args.init} init)": RunFolder(out / "runs" / f"{layout}-{args.init}") for layout in layouts})
+    curves = {name: run.records() for name, run in runs.items()}
     path = out / "quality_per_compute.png"
     plot_eval_curves(curves, path, "held-out perplexity (WikiText-2 validation tail) vs tokens", reference=control)
     console.print(f"quality per compute: {path}")
@@ -328,15 +323,15 @@ def uptrain_in_parallel(recipes: dict[str, Recipe], args: argparse.Namespace) ->
 
     todo = {}
     for name, recipe in recipes.items():
-        run_dir = Path(recipe.out)
-        same = started_with(run_dir, recipe) and not args.force
-        if same and (run_dir / "final" / "config.json").exists():
+        folder = RunFolder(recipe.out)
+        same = started_with(folder.path, recipe) and not args.force
+        if same and folder.finished:
             continue
         if not same:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(folder.path, ignore_errors=True)
         console.print(f"[bold]$ {command_line('uptrain', recipe, FLAGS, os.path.relpath(MINI_RECIPE))}[/]",
                       highlight=False, soft_wrap=True)
-        todo[name] = (recipe, same and (run_dir / "checkpoints" / "latest").is_file())
+        todo[name] = (recipe, same and folder.has_checkpoint)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
@@ -344,7 +339,7 @@ def uptrain_in_parallel(recipes: dict[str, Recipe], args: argparse.Namespace) ->
                    for name, (recipe, resume) in todo.items()}
         for name, future in futures.items():
             PEAKS["uptrain"] = max(PEAKS.get("uptrain", 0.0), future.result()[1])
-    return {name: Path(recipe.out) / "final" for name, recipe in recipes.items()}
+    return {name: RunFolder(recipe.out).final for name, recipe in recipes.items()}
 
 
 def one_thread(fn, *args):

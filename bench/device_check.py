@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.e2e_uptrain import SHAPES, bounded, uptrain
+from checkpoint_io import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,7 +161,7 @@ class Check:
 
     def checkpoints(self, run: str, delete: bool) -> None:
         """Record the bytes of each checkpoint run holds (and how many exist in the work folder); delete them if asked."""
-        folder = self.work / run / "checkpoints"
+        folder = RunFolder(self.work / run).checkpoints
         tags = sorted(p for p in folder.glob("step*") if p.is_dir()) if folder.is_dir() else []
         self.count_checkpoints()
         for tag in tags:
@@ -184,10 +185,6 @@ class Check:
             "eval_every": p.steps, "eval_tokens": 4 * p.seq_len, "save_every": save_every, "keep_last": 1,
             "zero_stage": 3, "activation_checkpointing": False}))
         return path
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def run_check(plan: Plan, out: Path, work: Path, deadline: float, install: dict, only: tuple[str, ...] = ()) -> int:
@@ -235,37 +232,39 @@ def run_check(plan: Plan, out: Path, work: Path, deadline: float, install: dict,
     def zero3(limit):
         seconds = check.uptrain(check.recipe("zero3", save_every=plan.steps), limit)
         check.checkpoints("zero3", delete=True)
-        records = metrics(work / "zero3")
+        run = RunFolder(work / "zero3")
+        records = run.records()
         return {"seconds": round(seconds, 1), "losses": [r["loss"] for r in records if "loss" in r],
                 "eval_ppl": [r["eval_ppl"] for r in records if "eval_ppl" in r],
                 "tokens_per_s": [round(r["tokens_per_s"]) for r in records if "tokens_per_s" in r],
                 "gpu_peak_gib": max((r["gpu_peak_gib"] for r in records if "gpu_peak_gib" in r), default=None),
-                "export_seconds": json.loads((work / "zero3" / "export.json").read_text())["seconds"],
-                "export_bytes": folder_bytes(work / "zero3" / "final")}
+                "export_seconds": run.export_seconds(), "export_bytes": folder_bytes(run.final)}
 
     def reload(limit):
-        check.command([me, "--reload", work / "zero3" / "final", "--recipe", work / "zero3.yaml",
-                       "--result", work / "reload.json"], limit)
-        logged = metrics(work / "zero3")[-1]["eval_ppl"]
+        run = RunFolder(work / "zero3")
+        check.command([me, "--reload", run.final, "--recipe", work / "zero3.yaml", "--result", work / "reload.json"],
+                      limit)
+        logged = run.records()[-1]["eval_ppl"]
         reloaded = json.loads((work / "reload.json").read_text())["eval_ppl"]
-        shutil.rmtree(work / "zero3" / "final")
+        shutil.rmtree(run.final)
         return {"logged_eval_ppl": logged, "reloaded_eval_ppl": reloaded, "relative_difference": abs(reloaded / logged - 1)}
 
     def resume(limit):
         recipe, half = check.recipe("resume", save_every=plan.steps // 2), plan.steps // 2
         tic = time.time()
-        check.uptrain(recipe, limit, kill_at=work / "resume" / "checkpoints" / f"step{half}")
+        killed_at = RunFolder(work / "resume").checkpoints / f"step{half}"
+        check.uptrain(recipe, limit, kill_at=killed_at)
         check.checkpoints("resume", delete=False)  # the killed run's: measured, kept for the resume
         resumed_from_it = check.appears(f"resumed at step {half}")
 
         def loaded():  # the resumed run has read its checkpoint: deleted before the next one is written
             check.count_checkpoints()
             if resumed_from_it():
-                shutil.rmtree(work / "resume" / "checkpoints" / f"step{half}", ignore_errors=True)
+                shutil.rmtree(killed_at, ignore_errors=True)
 
         check.uptrain(recipe, limit - (time.time() - tic), extra=("--resume",), while_running=loaded)
         check.checkpoints("resume", delete=True)
-        straight, resumed = (metrics(work / run) for run in ("zero3", "resume"))
+        straight, resumed = (RunFolder(work / run).records() for run in ("zero3", "resume"))
         pairs = [(a["step"], a["loss"], b["loss"]) for a, b in zip(straight, resumed) if "loss" in a and "loss" in b]
         before = max((abs(a - b) for s, a, b in pairs if s <= half), default=0.0)  # the same computation twice
         after = max((abs(a - b) for s, a, b in pairs if s > half), default=None)
@@ -324,9 +323,9 @@ def reload_ppl(final: Path, recipe_path: Path) -> float:
     eval_ppl and, on a GPU, the same fast-path kernels)."""
     import torch
 
+    from checkpoint_io.dtypes import checkpoint_dtype
     from common.sources import load_causal_lm, load_tokenizer
     from uptrain import fast_path
-    from uptrain.checkpoint import checkpoint_dtype
     from uptrain.data import prepare_data
     from uptrain.engine import use_bf16
     from uptrain.recipe import load_recipe

@@ -24,6 +24,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from checkpoint_io import RunFolder
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = {  # SmolLM2-1.7B's shape (MHA) with this bench's 32k vocabulary; a tiny one for CPUs
@@ -151,14 +153,14 @@ def run(argv: list[str], ok=(0,)) -> int:
     return code
 
 
-def summary(run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def summary(run: RunFolder) -> dict:
+    records = run.records()
     steps = [r for r in records if "tokens_per_s" in r][1:]  # the first step compiles and warms up
     rates = sorted(r["tokens_per_s"] for r in steps)
     return {"steps": max(r["step"] for r in records), "tokens_per_s_median": round(rates[len(rates) // 2]),
             "gpu_peak_gib": max((r.get("gpu_peak_gib", 0) for r in records), default=0) or None,
             "eval_ppl": [r["eval_ppl"] for r in records if "eval_ppl" in r],
-            "export_seconds": json.loads((run_dir / "export.json").read_text())["seconds"]}
+            "export_seconds": run.export_seconds()}
 
 
 def main() -> None:
@@ -199,19 +201,19 @@ def main() -> None:
     for stage in (2, 3):
         recipe = work / f"zero{stage}.yaml"
         recipe.write_text(yaml.safe_dump({**base, "zero_stage": stage, "out": str(work / f"run-zero{stage}")}))
-        ckpt = work / f"run-zero{stage}" / "checkpoints"
+        folder = RunFolder(work / f"run-zero{stage}")
         try:
             if stage == 2:  # kill -9 after the first checkpoint, then resume to the end
-                timings["zero2_until_kill"] = uptrain(["--config", str(recipe)], device, kill_at=ckpt / f"step{args.steps // 2}")
+                timings["zero2_until_kill"] = uptrain(["--config", str(recipe)], device, kill_at=folder.checkpoints / f"step{args.steps // 2}")
                 timings["zero2_resume"] = uptrain(["--config", str(recipe), "--resume"], device)
             else:
                 timings["zero3"] = uptrain(["--config", str(recipe)], device)
         except JobFailed as err:
             sys.exit(str(err))
-        result[f"zero{stage}"] = summary(work / f"run-zero{stage}")
-        shutil.rmtree(ckpt)  # optimizer states: tens of GB at 1.7B
+        result[f"zero{stage}"] = summary(folder)
+        shutil.rmtree(folder.checkpoints)  # optimizer states: tens of GB at 1.7B
     tic = time.perf_counter()
-    run(["validate", "--candidate", str(work / "run-zero3" / "final"), "--source", str(work / "source"),
+    run(["validate", "--candidate", str(RunFolder(work / "run-zero3").final), "--source", str(work / "source"),
          "--data", str(work / "corpus.jsonl"), "--max-tokens", str(4 * args.seq_len), "--context", str(args.seq_len),
          "--stride", str(args.seq_len), "--decode-lengths", "128", "--bootstrap", "100", "--out", str(work / "validate")], ok=(0, 1))
     timings["validate"] = time.perf_counter() - tic

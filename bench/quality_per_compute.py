@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 from bench.machine import machine_info
+from checkpoint_io import RunFolder, control_folder
 import uptrain
-from uptrain.metrics import plot_eval_curves, read_records
+from uptrain.metrics import plot_eval_curves
 from uptrain.recipe import load_recipe
-from uptrain.stage import control_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,7 @@ def run_arm(arm: str, workdir: Path, steps: int, eval_every: int) -> list[dict]:
         "out": str(workdir / "runs" / ("source" if control else arm)), "budget": {"steps": steps},
         "eval_every": eval_every, "save_every": steps, "model": None if control else str(workdir / name), **settings})
     shutil.rmtree(control_folder(Path(recipe.out)) if control else recipe.out, ignore_errors=True)
-    return read_records(uptrain.run(recipe).metrics)
+    return RunFolder(uptrain.run(recipe).folder).records()
 
 
 def main(argv: list[str] | None = None) -> int:

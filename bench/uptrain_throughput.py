@@ -1,8 +1,8 @@
 """Uptraining throughput and peak memory of each layout against the unconverted model.
 
 Each layout trains under the same DeepSpeed config (ZeRO-2, AdamW, the same batch of random
-tokens) through uptrain's own training path (its loss, optimizer and, on a GPU, its fast path:
-uptrain/fast_path.py) in a fresh process, so peak RSS (CPU) or peak allocated memory (GPU) is its
+tokens) through uptrain's own engine and step (``uptrain.train.Uptraining``: its loss, optimizer
+and, on a GPU, its fast path, uptrain/fast_path.py) in a fresh process, so peak RSS (CPU) or peak allocated memory (GPU) is its
 own. The model is a Llama built from a config (bench/shapes.py; default SmolLM2-135M's shape) on
 the device it trains on, so no weights travel.
 
@@ -30,13 +30,11 @@ def one_layout(layout: str, args) -> dict:
     from bench.shapes import SHAPES, peak_flops
     from bench.variants import split_variants, with_variants
     from models import SharedKVConfig, SharedKVForCausalLM
-    from uptrain import fast_path
-    from uptrain.engine import ds_config, init_distributed, optimizer_and_schedule
+    from uptrain.engine import init_distributed
     from uptrain.recipe import Recipe
-    from uptrain.train import batch_loss
+    from uptrain.train import Models, Uptraining
 
     _, world = init_distributed()
-    import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -50,27 +48,22 @@ def one_layout(layout: str, args) -> dict:
         else:
             base, variants = split_variants(layout)
             model = with_variants(SharedKVForCausalLM(SharedKVConfig.from_source(source_config, base)), variants)
-    dtype = torch.bfloat16 if recipe.precision == "bf16" else torch.float32
-    kernels = fast_path.enable(model, recipe.kernels, recipe.zero_stage, recipe.loss, dtype)  # as uptrain's train()
-    optimizer, schedule = optimizer_and_schedule(model, recipe, total_steps=args.steps + 2)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=ds_config(recipe, world))
-    batch = torch.randint(0, source_config.vocab_size, (args.micro_batch, args.seq_len), device=engine.device)
+    uptraining = Uptraining(recipe, folder=None, world_size=world)  # uptrain's own engine and step: no run folder
+    uptraining.setup(Models(model), data=None, total_steps=args.steps + 2)
+    batch = torch.randint(0, source_config.vocab_size, (args.micro_batch, args.seq_len), device=uptraining.engine.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for _ in range(2):  # warm-up
-        engine.backward(batch_loss(engine, batch, recipe, None))  # uptrain's own loss path
-        engine.step()
+        uptraining.train_step([batch])
     sync()
     start = time.perf_counter()
     for _ in range(args.steps):
-        engine.backward(batch_loss(engine, batch, recipe, None))  # uptrain's own loss path
-        engine.step()
+        uptraining.train_step([batch])
     sync()
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     tokens_per_s = args.steps * batch.numel() / seconds
     result = {"layout": layout, "parameters": params, "tokens_per_s": tokens_per_s,
-              "flops_per_s": 6 * params * tokens_per_s, "kernels": kernels or "plain PyTorch"}
+              "flops_per_s": 6 * params * tokens_per_s, "kernels": uptraining.kernels or "plain PyTorch"}
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.device == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()

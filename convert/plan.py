@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from checkpoint_io.dtypes import safetensors_name, tensor_bytes
+from checkpoint_io.source import TensorSource
 from common.errors import UserError
 from models.kv_layout import FUSED_GATE_INIT, LAYOUT_FIELDS, KVLayout
 from models.layout_tensors import LayerTensors, attn_name, layer_tensors, source_shapes, target_shapes
-
-from .source import TensorSource, safetensors_name, tensor_bytes
 
 if TYPE_CHECKING:
     import torch

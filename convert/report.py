@@ -9,14 +9,14 @@ from pathlib import Path
 
 from rich.table import Table
 
+from checkpoint_io.dtypes import ITEMSIZE, TORCH_NAMES
+from checkpoint_io.source import TensorSource
 from common.console import console
 from models.kv_layout import dense_kv_elements_per_token
 from models.layout_tensors import source_shapes
 
-from .dtypes import ITEMSIZE, TORCH_NAMES
 from .options import ConvertOptions
 from .plan import Plan
-from .source import TensorSource
 
 
 def kv_bytes_per_token(plan: Plan, dtype: str) -> dict[str, int]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from checkpoint_io import MANIFEST, Conversion
+from checkpoint_io.dtypes import ITEMSIZE, NAMES, TORCH_NAMES
+from checkpoint_io.source import TensorSource, open_source
+from checkpoint_io.writer import open_shards
 from common.console import console, progress
 from common.errors import UserError
 from common.options import parse_size
@@ -18,31 +21,18 @@ from common.sources import default_wikitext, is_gguf, load_tokenizer, resolve_mo
 from models import AUTO_MAP, MODEL_TYPE, write_model_code
 from models.kv_layout import source_fields
 
-from .dtypes import ITEMSIZE, NAMES, TORCH_NAMES
 from .options import MIN_CALIB_TOKENS, ConvertOptions
 from .plan import Plan, TargetConfig, build_plan, mark_fitted, materialize, stream
-from .report import dry_run_table, fit_table, kv_bytes_per_token, manifest
-from .source import TensorSource, open_source
-from .writer import open_shards
+from .report import dry_run_table, fit_table, manifest
 
 if TYPE_CHECKING:  # torch and the models come in only where a conversion computes (a copy needs neither)
     import torch
 
     from .layerwise import LayerPass, LayerwiseModel
 
-MARKERS = ("conversion.json",)  # --force replaces only a folder that holds it: one convert wrote
+MARKERS = (MANIFEST,)  # --force replaces only a folder that holds it: one convert wrote
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-
-
-@dataclass
-class Conversion:
-    """What a conversion produced: the folder (None for a dry run) and what it holds."""
-    out: Path | None
-    options: ConvertOptions
-    parameters: int
-    kv_bytes_per_token: dict[str, int]  # {"source": ..., "converted": ...} at the output dtype
-    fit_report: list[dict]
 
 
 def layout_config(source: TensorSource, opts: ConvertOptions) -> TargetConfig:
@@ -216,10 +206,9 @@ def run(opts: ConvertOptions) -> Conversion:
     dtype = output_dtype(source, opts)
     out = Path(opts.out) if opts.out else default_out(source_path, opts)
     max_bytes = parse_size(str(opts.max_shard_size))
-    kv_bytes = kv_bytes_per_token(plan, dtype)
     if opts.dry_run:
         dry_run_table(plan, source, dtype)
-        return Conversion(None, opts, plan.param_count(), kv_bytes, [])
+        return Conversion.from_manifest(None, manifest(plan, source_path, {}, opts, dtype, []))
     check_output(out, source_path, opts, plan.param_count() * ITEMSIZE[dtype])
     inputs = [source_path] + ([Path(opts.calib_text)] if opts.calib_text else [])
     claim_target(out, opts.force, MARKERS, inputs)  # before the fits: a refusal should not wait for them
@@ -244,7 +233,7 @@ def run(opts: ConvertOptions) -> Conversion:
                 if m.rule != "copy":
                     shards.write(m.target, stream(plan, source, m))
         write_extras(tmp, source, source_path, plan.config, dtype)
-        (tmp / "conversion.json").write_text(
-            json.dumps(manifest(plan, source_path, source_hash, opts, dtype, fit_report), indent=2, sort_keys=True) + "\n")
+        written = manifest(plan, source_path, source_hash, opts, dtype, fit_report)
+        (tmp / MANIFEST).write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     console.print(f"[green]wrote[/] {out} ({opts.layout}, init {opts.init})")
-    return Conversion(out, opts, plan.param_count(), kv_bytes, fit_report)
+    return Conversion.from_manifest(out, written)

@@ -18,7 +18,7 @@ from common.sources import default_wikitext
 # The project's packages and modules (pyproject.toml), which `pip install -e .` makes importable from
 # anywhere: a fresh process that must do without them (a converted folder loads on its own) starts
 # with this line, so that an import of one of them fails there as it would on a user's machine.
-WITHOUT_PROJECT = ("import sys; sys.modules.update(dict.fromkeys(('common', 'convert', 'uptrain', 'validate', "
+WITHOUT_PROJECT = ("import sys; sys.modules.update(dict.fromkeys(('common', 'checkpoint_io', 'convert', 'uptrain', 'validate', "
                    "'models', 'serve', 'bench', 'run', 'demo')))\n")
 
 # One thread per test process (make test runs two workers on two cores), and for the processes tests start.

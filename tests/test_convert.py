@@ -125,7 +125,7 @@ def test_reruns_are_byte_identical(make_source, cli, tmp_path):
 def test_streaming_through_a_small_buffer_writes_the_same_bytes(make_source, cli, tmp_path, monkeypatch):
     src = make_source(shard="200KB")
     assert cli("convert", "--source", src, "--out", tmp_path / "whole", "--dtype", "bfloat16") == 0
-    monkeypatch.setattr("convert.source.CHUNK_BYTES", 4096)  # every tensor now streams in many pieces
+    monkeypatch.setattr("checkpoint_io.source.CHUNK_BYTES", 4096)  # every tensor now streams in many pieces
     assert cli("convert", "--source", src, "--out", tmp_path / "pieces", "--dtype", "bfloat16") == 0
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "pieces" / "model.safetensors").read_bytes()
     torch.testing.assert_close(all_tensors(tmp_path / "pieces")["model.layers.0.mlp.up_proj.weight"],
@@ -512,7 +512,7 @@ def test_converted_config_loads_as_transformers_builds_it(make_source, cli, tmp_
 def test_llama_config_without_a_shape_field_takes_transformers_default(make_source):
     from transformers import LlamaConfig
 
-    from convert.source import open_source
+    from checkpoint_io.source import open_source
 
     src = make_source()
     raw = json.loads((src / "config.json").read_text())
@@ -534,7 +534,7 @@ def test_target_config_defaults_are_llamas():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_raw_byte_casts_and_finite_check_match_torch(dtype):
-    from convert.dtypes import NAMES, all_finite, cast
+    from checkpoint_io.dtypes import NAMES, all_finite, cast
 
     # normal, subnormal and large magnitudes of both signs: every rounding case of every pair
     values = torch.randn(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

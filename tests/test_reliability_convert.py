@@ -93,12 +93,12 @@ def test_force_refuses_to_replace(case, make_source, cli, tmp_path, capsys, monk
 
 KILLED = """
 import os, signal, sys
-import convert.writer, run
-opened = convert.writer.ShardWriter.open
+import checkpoint_io.writer, run
+opened = checkpoint_io.writer.ShardWriter.open
 def open_then_signal(self):  # the shards exist, half-written
     opened(self)
     os.kill(os.getpid(), signal.{signal})
-convert.writer.ShardWriter.open = open_then_signal
+checkpoint_io.writer.ShardWriter.open = open_then_signal
 sys.exit(run.main(sys.argv[1:]))
 """
 
@@ -166,17 +166,17 @@ def read_only(folder: Path):
 @pytest.mark.parametrize("case", ["disk-full-writing-headers", "disk-full-in-a-copy-thread", "disk-full-in-a-cast-thread",
                                   "read-only-parent", "read-only-grandparent"])
 def test_os_errors_are_one_line_and_leave_nothing(case, make_source, cli, tmp_path, capsys, monkeypatch):
-    import convert.writer
+    import checkpoint_io.writer
 
     src = make_source()
     (tmp_path / "ro").mkdir()
     out, extra, message = tmp_path / "new" / "out", [], "disk full while writing"
     if case == "disk-full-writing-headers":
-        monkeypatch.setattr(convert.writer, "_pwrite_all", no_space)
+        monkeypatch.setattr(checkpoint_io.writer, "_pwrite_all", no_space)
     elif case == "disk-full-in-a-copy-thread":
-        monkeypatch.setattr(convert.writer, "_copy_bytes", no_space)
+        monkeypatch.setattr(checkpoint_io.writer, "_copy_bytes", no_space)
     elif case == "disk-full-in-a-cast-thread":
-        monkeypatch.setattr(convert.writer, "_pwrite_all", full_off_main_thread(convert.writer._pwrite_all))
+        monkeypatch.setattr(checkpoint_io.writer, "_pwrite_all", full_off_main_thread(checkpoint_io.writer._pwrite_all))
         extra = ["--dtype", "float16"]
     else:
         out = tmp_path / "ro" / "out" if case == "read-only-parent" else tmp_path / "ro" / "new" / "out"

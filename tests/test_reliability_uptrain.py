@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from checkpoint_io import RunFolder
 from common.errors import UserError
 from uptrain import run_folder, train
 from uptrain.recipe import load_recipe
@@ -88,7 +89,7 @@ def test_skipped_steps_are_bounded_by_max_skipped_steps(recipe, cli, tmp_path, c
 
 
 def test_a_second_run_on_the_same_folder_is_refused(recipe, cli, tmp_path, capsys):
-    with run_folder.locked(tmp_path / "run"):  # as a first run holds it while it trains
+    with run_folder.locked(RunFolder(tmp_path / "run")):  # as a first run holds it while it trains
         assert cli("uptrain", "--config", recipe()) == 2
     assert "is being written by another run (pid" in capsys.readouterr().err
     assert not (tmp_path / "run" / "recipe.yaml").exists()
@@ -195,7 +196,10 @@ def test_export_refuses_non_finite_weights(converted):
     from uptrain.checkpoint import export
 
     class Engine:  # what export reads of a ZeRO-0/1/2 engine
-        pass
+        module = None
+
+        def zero_optimization_stage(self):
+            return 2
 
     import torch.distributed as dist
     from common.sources import load_causal_lm, load_tokenizer
@@ -208,5 +212,7 @@ def test_export_refuses_non_finite_weights(converted):
 
         init_distributed()
     with pytest.raises(UserError, match=r"NaN or inf \(model.norm.weight\); nothing was exported"):
-        export(Engine(), model, load_tokenizer(converted), converted.parent / "final", False, torch.float32, "5GB")
+        engine = Engine()
+        engine.module = model
+        export(engine, load_tokenizer(converted), converted.parent / "final", torch.float32, "5GB")
     assert not (converted.parent / "final").exists() and not list(converted.parent.glob(".final.partial-*"))

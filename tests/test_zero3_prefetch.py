@@ -64,7 +64,7 @@ def export_after_each_eval(monkeypatch, tmp_path, wide):
         ppl = real_eval(engine, *args)
         seen["left_in_flight"].append(in_flight(engine))
         folder = tmp_path / f"export-{len(seen['exports'])}"
-        checkpoint.export(engine, engine.module, tokenizer, folder, True, torch.float32, "5GB")
+        checkpoint.export(engine, tokenizer, folder, torch.float32, "5GB")
         seen["exports"].append((folder, ppl))
         return ppl
 

@@ -98,7 +98,7 @@ def converted_layers(model) -> list[SharedKVAttention]:
 def attach(model, source: Path, schedule: BlendSchedule) -> int:
     """Give each converted layer its source K/V projections and blend by ``schedule``; returns how
     many layers blend (0 for a model without a layout)."""
-    from convert.source import open_source
+    from checkpoint_io.source import open_source
     from common.sources import readable_location
 
     layers = converted_layers(model)

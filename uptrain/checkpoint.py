@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -14,14 +13,13 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+from checkpoint_io.dtypes import safetensors_name, tensor_bytes
+from checkpoint_io.writer import open_shards
 from common.errors import UserError
 from common.options import parse_size
 from common.outputs import atomic_folder, os_error_line, swap_in
-from convert.dtypes import NAMES
-from convert.writer import open_shards
 
 TAG = re.compile(r"^step(\d+)$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def rng_state() -> dict:
@@ -131,15 +129,6 @@ def resume(engine, folder: Path, tag: str | None = None) -> dict | None:
     return client_state
 
 
-def checkpoint_dtype(model_path: Path) -> torch.dtype:
-    """The dtype a model folder's weights are stored in (config.json), float32 for a GGUF (dequantized)."""
-    config = model_path / "config.json"
-    if not config.is_file():
-        return torch.float32
-    fields = json.loads(config.read_text())
-    return DTYPES.get(str(fields.get("dtype") or fields.get("torch_dtype") or "float32"), torch.float32)
-
-
 @contextlib.contextmanager
 def gathered(param, zero3: bool):
     """One parameter whole on every rank (ZeRO-3 keeps only a shard of it on each)."""
@@ -165,17 +154,18 @@ def _save_metadata(model, tokenizer, folder: Path, dtype: torch.dtype) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def export(engine, model, tokenizer, folder: Path, zero3: bool, dtype: torch.dtype, max_shard_size: str,
+def export(engine, tokenizer, folder: Path, dtype: torch.dtype, max_shard_size: str,
            params: list[tuple[str, torch.nn.Parameter]] | None = None) -> None:
-    """The trained model as a Hugging Face safetensors folder of the same layout, in dtype.
+    """The engine's model as a Hugging Face safetensors folder of the same layout, in dtype.
 
     One parameter at a time is gathered (ZeRO-3), checked finite, cast and written by rank 0 into
-    shards laid out up front (convert's writer): GPU memory is one tensor above training, host
-    memory one tensor. The folder is staged and renamed into place: a failure leaves no half export.
-    params: the named parameters to write (default all of model's)."""
+    shards laid out up front (checkpoint_io's writer, as convert writes): GPU memory is one tensor
+    above training, host memory one tensor. The folder is staged and renamed into place: a failure
+    leaves no half export. params: the named parameters to write (default all of the model's)."""
+    model, zero3 = engine.module, engine.zero_optimization_stage() == 3
     if zero3:
         engine.empty_partition_cache()  # parameters an eval prefetched are still in flight: release them first
-    name_of_dtype = NAMES[str(dtype).removeprefix("torch.")]
+    name_of_dtype = safetensors_name(dtype)
     params = params or list(model.named_parameters())  # tied weights appear once, as save_pretrained writes them
     shapes = [(name, tuple(getattr(p, "ds_shape", p.shape))) for name, p in params]
     rank0 = dist.get_rank() == 0
@@ -189,8 +179,7 @@ def export(engine, model, tokenizer, folder: Path, zero3: bool, dtype: torch.dty
                     if not torch.isfinite(tensor).all():  # every rank sees the whole tensor: all stop together
                         raise UserError(f"the trained weights hold NaN or inf ({name}); nothing was exported")
                     if rank0:
-                        raw = tensor.contiguous().cpu().view(-1).view(torch.uint8).numpy()
-                        writer.write(name, [(name_of_dtype, raw)])
+                        writer.write(name, [(name_of_dtype, tensor_bytes(tensor))])
         if rank0:
             _save_metadata(model, tokenizer, tmp, dtype)
     dist.barrier()

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from common.errors import UserError
+from checkpoint_io.run_folder import read_records
 from common.outputs import user_os_errors
 
 
@@ -48,19 +48,6 @@ def _append(path: Path, data: bytes) -> None:
             raise
     finally:
         os.close(fd)
-
-
-def read_records(path: Path) -> list[dict]:
-    """The logged records; a half-written last line (a kill during a write) is left out."""
-    lines = [line for line in path.read_text().splitlines() if line] if path.exists() else []
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise UserError(f"{path}:{number} is not a JSON record; the metrics log is damaged") from None
-    return records
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:

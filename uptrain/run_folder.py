@@ -1,4 +1,5 @@
-"""The run folder: one run writes it at a time, and a resume continues the same run.
+"""The run folder as uptrain writes it (its files: checkpoint_io/run_folder.py): one run writes it at
+a time, and a resume continues the same run.
 
 ``recipe.yaml`` and ``run.json`` (world size; each data source's content fingerprint and its token
 store's count and hash) are written when a run starts and never by a resume, which is checked
@@ -16,10 +17,10 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import yaml
 
+from checkpoint_io.run_folder import RunFolder
 from common.errors import UserError
 from common.outputs import user_os_errors
 
@@ -29,13 +30,14 @@ from .token_store import content_fingerprint
 
 
 @contextlib.contextmanager
-def locked(run_dir: Path) -> Iterator[None]:
-    """Hold run_dir's lock for the block; a second run on the same folder is refused in one line. A
-    run that fails before it wrote anything takes the folder it made away again."""
+def locked(folder: RunFolder) -> Iterator[None]:
+    """Hold the run folder's lock for the block; a second run on the same folder is refused in one
+    line. A run that fails before it wrote anything takes the folder it made away again."""
+    run_dir = folder.path
     made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     with user_os_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-        handle = (run_dir / ".lock").open("a+")
+        handle = folder.lock.open("a+")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -50,32 +52,23 @@ def locked(run_dir: Path) -> Iterator[None]:
         handle.flush()
         yield
     except BaseException:
-        if made and [p.name for p in run_dir.iterdir()] == [".lock"]:
-            (run_dir / ".lock").unlink()
-            for folder in made:  # innermost first
+        if made and list(run_dir.iterdir()) == [folder.lock]:
+            folder.lock.unlink()
+            for path in made:  # innermost first
                 with contextlib.suppress(OSError):
-                    folder.rmdir()
+                    path.rmdir()
         raise
     finally:
         handle.close()  # closing releases the lock
 
 
-def _saved(run_dir: Path) -> tuple[dict, dict]:
-    """recipe.yaml and run.json as the run's start wrote them ({} where a file is missing)."""
-    try:
-        before = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
-        run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    except (OSError, yaml.YAMLError, ValueError) as err:
-        raise UserError(f"{run_dir / 'recipe.yaml'} or run.json is damaged; start a new run with another out") from err
-    return before, run
-
-
-def check_resume(run_dir: Path, recipe: Recipe, world_size: int) -> None:
+def check_resume(folder: RunFolder, recipe: Recipe, world_size: int) -> None:
     """Refuse a resume whose recipe, world size or data content differs where the run depends on it
     (before any token store is built: changed data would build a new one)."""
-    if not (run_dir / "recipe.yaml").is_file():
+    before = folder.recipe()
+    if before is None:
         return  # nothing was started here: the run starts from step 0
-    before, run = _saved(run_dir)
+    run = folder.run_record()
     changed = changed_keys(before, recipe)
     if changed:
         raise UserError(f"--resume: the recipe changed {', '.join(changed)} since the run started (they decide the "
@@ -90,10 +83,9 @@ def check_resume(run_dir: Path, recipe: Recipe, world_size: int) -> None:
                             "restore it or start a new run with another out")
 
 
-def check_inputs(run_dir: Path, inputs: list[dict]) -> None:
+def check_inputs(folder: RunFolder, inputs: list[dict]) -> None:
     """A resumed run's token stores hold exactly the tokens it started with (count and sha256)."""
-    _, run = _saved(run_dir)
-    for before, now in zip(run.get("inputs", []), inputs):
+    for before, now in zip(folder.run_record().get("inputs", []), inputs):
         if (before.get("tokens"), before.get("sha256")) != (now["tokens"], now["sha256"]):
             raise UserError(f"--resume: the token store of data {now['data']} holds {now['tokens']:,} tokens "
                             f"(sha256 {now['sha256'][:12]}), the run started on {before.get('tokens'):,} "
@@ -101,8 +93,8 @@ def check_inputs(run_dir: Path, inputs: list[dict]) -> None:
                             "with another out")
 
 
-def start(run_dir: Path, recipe: Recipe, world_size: int, inputs: list[dict]) -> None:
+def start(folder: RunFolder, recipe: Recipe, world_size: int, inputs: list[dict]) -> None:
     """Record the recipe, world size and inputs (TrainData.inputs) of a run that starts at step 0."""
-    with user_os_errors(run_dir):
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=True))
-        (run_dir / "run.json").write_text(json.dumps({"world_size": world_size, "inputs": inputs}) + "\n")
+    with user_os_errors(folder.path):
+        folder.recipe_file.write_text(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=True))
+        folder.run_file.write_text(json.dumps({"world_size": world_size, "inputs": inputs}) + "\n")

@@ -4,11 +4,12 @@ ZeRO job (on every rank of it), and `prepare(Recipe)`, its token stores built ah
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from checkpoint_io import Conversion, RunFolder, control_folder
 from common.console import console
 from common.data import local_root
 from common.errors import UserError
@@ -28,6 +29,9 @@ from .budget import SMOLLM2_135M_PRETRAINING_TOKENS, Budget, resolve_budget
 from .data import TrainData, eval_specs, prepare_data, train_specs
 from .recipe import Recipe
 
+if TYPE_CHECKING:
+    from .train import Models
+
 
 @dataclass
 class Run:
@@ -36,15 +40,6 @@ class Run:
     final: Path
     steps: int
     tokens: int
-
-    @property
-    def metrics(self) -> Path:
-        return self.folder / "metrics.jsonl"
-
-
-def control_folder(out: Path) -> Path:
-    """The control arm's run folder beside the candidate's: the same recipe with its out, plus -control."""
-    return out.with_name(out.name + "-control")
 
 
 def source_of(recipe: Recipe) -> Path:
@@ -56,13 +51,8 @@ def source_of(recipe: Recipe) -> Path:
     if recipe.model is None:
         return default_model_path()
     model = resolve_model_path(recipe.model)
-    manifest = model / "conversion.json"
-    if not manifest.is_file():
-        return model
-    try:
-        return resolve_model_path(json.loads(manifest.read_text())["source"]["path"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{manifest} is damaged (it names no source); set source to the unconverted model") from err
+    conversion = Conversion.find(model) if model.is_dir() else None
+    return model if conversion is None else resolve_model_path(conversion.source)
 
 
 def run_folder_of(recipe: Recipe, model_path: Path) -> Path:
@@ -135,14 +125,43 @@ def prepare(recipe: Recipe) -> TrainData:
     return data
 
 
+def check_plan(recipe: Recipe, budget: Budget) -> None:
+    """The recipe's step counts fit the run's budget: the blend ends and every export_at lies inside it."""
+    if recipe.blend_steps > budget.steps:
+        raise UserError(f"blend_steps {recipe.blend_steps} is more than the run's {budget.steps} steps: "
+                        "the export would not be the layout yet")
+    late = [step for step in recipe.export_at if step > budget.steps]
+    if late:
+        raise UserError(f"export_at step {late[0]} is past the run's {budget.steps} steps")
+    early = [step for step in recipe.export_at if step < recipe.blend_steps]
+    if early:
+        raise UserError(f"export_at step {early[0]} is inside the blend ramp (blend_steps {recipe.blend_steps}): "
+                        "the model is not the layout yet")
+
+
+def load_models(recipe: Recipe, model_path: Path, source_path: Path | None, tokenizer) -> Models:
+    """The model to train (with its tokenizer), the kd teacher and the blend, each where the recipe asks for it."""
+    from .blend import BlendSchedule, attach as attach_blend
+    from .train import Models
+
+    model = load_causal_lm(model_path).train()
+    teacher = load_causal_lm(source_path).eval() if recipe.loss != "lm" else None
+    blend = (BlendSchedule(recipe.blend_steps, recipe.blend_schedule, seed=recipe.seed)
+             if recipe.blend_steps else None)
+    if blend is not None and not attach_blend(model, source_path, blend):
+        blend = None  # nothing converted (the control arm): the recipe's blend does not apply
+    return Models(model, tokenizer, teacher, blend)
+
+
 def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) -> Run:
     """Train (or, resuming, go on training) and export; every rank of a job calls it."""
     model_path, source_path = model_paths(recipe)
-    run_dir = run_folder_of(recipe, model_path)
+    folder = RunFolder(run_folder_of(recipe, model_path))
 
-    from .blend import BlendSchedule, attach as attach_blend
+    from checkpoint_io.dtypes import checkpoint_dtype, torch_dtype
+
     from .engine import ds_config, init_distributed, return_freed_memory
-    from .train import train
+    from .train import Uptraining
 
     return_freed_memory(count_params(model_path))  # before the token store and the models: what they free goes back too
     rank, world_size = init_distributed()
@@ -152,51 +171,37 @@ def run(recipe: Recipe, resume: bool = False, resume_from: str | None = None) ->
     ds_config(recipe, world_size)  # a user's DeepSpeed JSON that contradicts the recipe: refused before any work
     resuming = resume or resume_from is not None
     if rank == 0:
-        check_outputs(recipe, model_path, source_path, run_dir)
-    with run_folder.locked(run_dir) if rank == 0 else contextlib.nullcontext():
+        check_outputs(recipe, model_path, source_path, folder.path)
+    with run_folder.locked(folder) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
-            if (run_dir / "checkpoints" / "latest").exists() and not resuming:
-                raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or set out to a new folder")
+            if folder.has_checkpoint and not resuming:
+                raise UserError(f"{folder.path} already holds a run; pass --resume to continue it or set out to a new folder")
             if resuming:
-                run_folder.check_resume(run_dir, recipe, world_size)
+                run_folder.check_resume(folder, recipe, world_size)
         context = max_positions(model_path)
         if context is not None and recipe.seq_len > context:
             raise UserError(f"seq_len {recipe.seq_len} exceeds the model's context ({context})")
         budget = plan_budget(recipe, model_path, source_path, world_size)
-        if recipe.blend_steps > budget.steps:
-            raise UserError(f"blend_steps {recipe.blend_steps} is more than the run's {budget.steps} steps: "
-                            "the export would not be the layout yet")
-        late = [step for step in recipe.export_at if step > budget.steps]
-        if late:
-            raise UserError(f"export_at step {late[0]} is past the run's {budget.steps} steps")
-        early = [step for step in recipe.export_at if step < recipe.blend_steps]
-        if early:
-            raise UserError(f"export_at step {early[0]} is inside the blend ramp (blend_steps {recipe.blend_steps}): "
-                            "the model is not the layout yet")
+        check_plan(recipe, budget)
         tokenizer = load_tokenizer(model_path)
         data = prepare_data(recipe, tokenizer, budget.tokens)
         if rank == 0 and resuming:
-            run_folder.check_inputs(run_dir, data.inputs())
-        model = load_causal_lm(model_path).train()
-        teacher = load_causal_lm(source_path).eval() if recipe.loss != "lm" else None
-        blend = (BlendSchedule(recipe.blend_steps, recipe.blend_schedule, seed=recipe.seed)
-                 if recipe.blend_steps else None)
-        if blend is not None and not attach_blend(model, source_path, blend):
-            blend = None  # nothing converted (the control arm): the recipe's blend does not apply
+            run_folder.check_inputs(folder, data.inputs())
+        models = load_models(recipe, model_path, source_path, tokenizer)
         if rank == 0:
-            if not resuming or not (run_dir / "recipe.yaml").is_file():
-                run_folder.start(run_dir, recipe, world_size, data.inputs())
+            if not resuming or folder.recipe() is None:
+                run_folder.start(folder, recipe, world_size, data.inputs())
             fraction = f"{100 * budget.fraction_of_pretraining:.3g}% of the source's pretraining compute" \
                 if budget.fraction_of_pretraining is not None else "pretraining compute unknown"
             console.print(f"[bold]{'control arm: ' if recipe.control_arm else ''}{model_path}[/] "
-                          f"{sum(p.numel() for p in model.parameters()):,} params, {budget.steps} steps x "
+                          f"{sum(p.numel() for p in models.model.parameters()):,} params, {budget.steps} steps x "
                           f"{budget.tokens // budget.steps:,} tokens = {budget.tokens:,} tokens, {budget.flops:.3e} "
                           f"FLOPs ({fraction}); data: {data.describe()}")
-        from .checkpoint import DTYPES, checkpoint_dtype
-
-        export_dtype = DTYPES[recipe.export_dtype] if recipe.export_dtype != "auto" else checkpoint_dtype(model_path)
-        final = train(model, tokenizer, teacher, data, recipe, budget.steps, run_dir, rank, world_size,
-                      resume, resume_from, export_dtype, blend)
+        export_dtype = torch_dtype(recipe.export_dtype) if recipe.export_dtype != "auto" else checkpoint_dtype(model_path)
+        uptraining = Uptraining(recipe, folder, rank, world_size)
+        uptraining.setup(models, data, budget.steps)
+        start = uptraining.resume(resume_from) if resuming else 0
+        final = uptraining.train(start, export_dtype)
     if rank == 0:
-        console.print(f"[green]exported[/] {final}  (metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'metrics.png'})")
-    return Run(run_dir, final, budget.steps, budget.tokens)
+        console.print(f"[green]exported[/] {final}  (metrics: {folder.metrics}, plot: {folder.plot})")
+    return Run(folder.path, final, budget.steps, budget.tokens)

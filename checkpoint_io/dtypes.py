@@ -1,4 +1,5 @@
-"""Tensor bytes by safetensors dtype name, without torch: sizes, the finite check, casts.
+"""The one dtype map: safetensors names (F32, BF16, ...), torch's names and dtypes; tensor bytes by
+safetensors dtype name, without torch: sizes, the finite check, casts.
 
 A copy conversion moves raw bytes, so it works on numpy byte arrays and never imports torch
 (seconds of start-up). numpy has no bfloat16: BF16 is handled as its bits (uint16), widened to
@@ -7,7 +8,14 @@ what torch does.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 FLOATS = ("F64", "F32", "F16", "BF16")
@@ -58,3 +66,37 @@ def cast(raw: np.ndarray, source: str, target: str) -> np.ndarray:
     if source not in FLOATS or target not in FLOATS:
         raise ValueError(f"cannot cast {source} to {target}: only float tensors change dtype")
     return from_float32(to_float32(raw, source), target)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """torch's dtype by the name torch, --dtype, a recipe and config.json give it ("bfloat16")."""
+    import torch
+
+    if name not in NAMES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(NAMES)}")
+    return getattr(torch, name)
+
+
+def safetensors_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "BF16"."""
+    return NAMES[str(dtype).removeprefix("torch.")]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's elements as flat raw bytes (a view where it can be; on the CPU)."""
+    import torch
+
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+
+
+def checkpoint_dtype(model_path: Path) -> torch.dtype:
+    """The float dtype a model folder's weights are stored in (config.json), float32 for a GGUF
+    (dequantized) or a folder that does not say."""
+    import torch
+
+    config = model_path / "config.json"
+    if not config.is_file():
+        return torch.float32
+    fields = json.loads(config.read_text())
+    name = str(fields.get("dtype") or fields.get("torch_dtype") or "float32")
+    return torch_dtype(name) if NAMES.get(name) in FLOATS else torch.float32

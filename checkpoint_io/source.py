@@ -36,7 +36,7 @@ from common.model_config import read_config
 from common.sources import is_gguf, loading_errors
 from models import SUPPORTED_SOURCE_TYPES
 
-from .dtypes import ITEMSIZE, NAMES, TORCH_NAMES
+from .dtypes import ITEMSIZE, TORCH_NAMES, safetensors_name, tensor_bytes
 from .writer import TensorSink
 
 if TYPE_CHECKING:
@@ -294,17 +294,6 @@ class InMemorySource(TensorSource):
         for key, sink in sinks.items():
             sink(0, tensor_bytes(self._state[key]))
         return _content_hash({path.name: _sha256_file(path) for path in self.files})
-
-
-def safetensors_name(dtype: torch.dtype) -> str:
-    return NAMES[str(dtype).removeprefix("torch.")]
-
-
-def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor's elements as flat raw bytes (a view where it can be)."""
-    import torch
-
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, TensorEntry]]:
