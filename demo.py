@@ -44,6 +44,9 @@ DEMO_RECIPE = ROOT / "configs" / "uptrain-demo-cpu.yaml"
 # for copy and 9,757 for calibrated; the defaults, 16,384 x 150, take several times longer).
 # CommonKV's rank budget reads the same tokens.
 DEMO_FIT = {"calib_tokens": 2048, "reconstruct_steps": 20}
+# validate's timed decode steps (after an untimed warm-up run): enough for a steady median; about two
+# seconds per model at 128 cached tokens on two cores
+DECODE_NEW_TOKENS = 32
 HONEST_NOTE = (
     "A few CPU minutes recover a large part of the damage but are nowhere near parity: the papers "
     "uptrain with 10-15% of the source's pretraining compute (for SmolLM2-135M, hundreds of billions "
@@ -163,7 +166,7 @@ def validate_step(control: Path, trained: Path, report_dir: Path, args: argparse
     from validate.options import FLAGS
 
     options = validate.ValidateOptions(source=args.source, candidate=str(trained), control=str(control),
-                                       max_tokens=args.max_tokens, decode_lengths=(128,), decode_new_tokens=8,
+                                       max_tokens=args.max_tokens, decode_lengths=(128,), decode_new_tokens=DECODE_NEW_TOKENS,
                                        out=str(report_dir))
     return staged("validate", options, FLAGS)
 
@@ -304,7 +307,7 @@ def parity_on_a_mini_source(args: argparse.Namespace) -> None:
     report = staged("validate", validate.ValidateOptions(
         source=str(MINI_SOURCE), candidate=str(finals["fusedkv"]), control=str(finals["control"]),
         data=(str(code_corpus.eval_text(corpus)), str(default_wikitext_test())), max_tokens=16384,
-        context=manifest["seq_len"], stride=manifest["seq_len"], decode_lengths=(128,), decode_new_tokens=8,
+        context=manifest["seq_len"], stride=manifest["seq_len"], decode_lengths=(128,), decode_new_tokens=DECODE_NEW_TOKENS,
         out=str(out / "report")), VALIDATE_FLAGS)
     said = in_child(mini_completions, {"source": MINI_SOURCE, **finals}, args.new_tokens)
     print_mini_summary(report, said, args.mini_share, manifest)

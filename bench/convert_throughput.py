@@ -42,10 +42,10 @@ def synthetic_checkpoint(folder: Path, layers: int, hidden: int, vocab: int, sha
                          num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=4,
                          tie_word_embeddings=False)
     config.save_pretrained(folder)
-    from models import SharedKVConfig
     from models.layout_tensors import source_shapes
+    from models.source_layout import shared_kv_config
 
-    shapes = source_shapes(SharedKVConfig.from_source(config, "fusedkv"))
+    shapes = source_shapes(shared_kv_config(config, "fusedkv"))
     shards, current, size = [], {}, 0
     for name, shape in shapes.items():
         current[name] = torch.randn(shape) * 0.02

@@ -25,8 +25,9 @@ from bench.machine import machine_info
 from bench.shapes import random_source
 from bench.variants import split_variants, with_variants
 from common.sources import load_causal_lm
-from models import LAYOUTS, SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes
-from validate.kvcache import arithmetic_bytes_per_token
+from models import LAYOUTS, SharedKVForCausalLM
+from models.source_layout import shared_kv_config
+from validate.kvcache import kv_bytes_per_token, kv_cache_bytes
 
 
 def layout_model(source, layout: str):
@@ -37,9 +38,9 @@ def layout_model(source, layout: str):
         return source
     base, variants = split_variants(layout)
     if base == "sharing_off":
-        config = SharedKVConfig.from_source(source.config, "fusedkv", num_storage_layers=source.config.num_hidden_layers)
+        config = shared_kv_config(source.config, "fusedkv", num_storage_layers=source.config.num_hidden_layers)
     else:
-        config = SharedKVConfig.from_source(source.config, base)
+        config = shared_kv_config(source.config, base)
     model = SharedKVForCausalLM(config).to(dtype=source.dtype, device=source.device).eval()
     model.load_state_dict(
         {k: v for k, v in source.state_dict().items() if model.state_dict().get(k, v).shape == v.shape},
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for layout in args.layouts.split(","):
         model = layout_model(source, layout)
-        arithmetic = arithmetic_bytes_per_token(model.config, dtype)
+        arithmetic = kv_bytes_per_token(model.config, dtype.itemsize)
         decode_run(model, 64, 4, args.device)  # warm-up
         runs = [decode_run(model, c, args.new_tokens, args.device) for c in contexts]
         results[layout] = {

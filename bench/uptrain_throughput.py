@@ -29,7 +29,8 @@ def one_layout(layout: str, args) -> dict:
 
     from bench.shapes import SHAPES, peak_flops
     from bench.variants import split_variants, with_variants
-    from models import SharedKVConfig, SharedKVForCausalLM
+    from models import SharedKVForCausalLM
+    from models.source_layout import shared_kv_config
     from uptrain.engine import init_distributed
     from uptrain.recipe import Recipe
     from uptrain.train import Models, Uptraining
@@ -47,7 +48,7 @@ def one_layout(layout: str, args) -> dict:
             model = LlamaForCausalLM(source_config)
         else:
             base, variants = split_variants(layout)
-            model = with_variants(SharedKVForCausalLM(SharedKVConfig.from_source(source_config, base)), variants)
+            model = with_variants(SharedKVForCausalLM(shared_kv_config(source_config, base)), variants)
     uptraining = Uptraining(recipe, folder=None, world_size=world)  # uptrain's own engine and step: no run folder
     uptraining.setup(Models(model), data=None, total_steps=args.steps + 2)
     batch = torch.randint(0, source_config.vocab_size, (args.micro_batch, args.seq_len), device=uptraining.engine.device)

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from models import SharedKVConfig
-from models.kv_layout import allocate_ranks
 from models.layout_tensors import attn_key, layer_key
+from models.source_layout import allocate_ranks
 
 from .layerwise import LayerPass, LayerwiseModel, run_source
 

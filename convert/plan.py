@@ -28,6 +28,7 @@ from checkpoint_io.dtypes import safetensors_name, tensor_bytes
 from checkpoint_io.source import TensorSource
 from common.errors import UserError
 from models.kv_layout import FUSED_GATE_INIT, LAYOUT_FIELDS, KVLayout
+from models.source_layout import with_default_ranks
 from models.layout_tensors import LayerTensors, attn_name, layer_tensors, source_shapes, target_shapes
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class TargetConfig(KVLayout):
         self.source_fields = fields
         vars(self).update(fields)
         self.set_layout(**layout)
+        with_default_ranks(self)
 
     def to_dict(self) -> dict:
         return {**self.source_fields, **self.layout_fields()}

@@ -19,7 +19,7 @@ from .options import ConvertOptions
 from .plan import Plan
 
 
-def kv_bytes_per_token(plan: Plan, dtype: str) -> dict[str, int]:
+def kv_bytes_before_after(plan: Plan, dtype: str) -> dict[str, int]:
     """KV-cache bytes per token of the source and of the converted model, at the output dtype."""
     element = ITEMSIZE[dtype]
     return {"source": dense_kv_elements_per_token(plan.config) * element,
@@ -39,7 +39,7 @@ def dry_run_table(plan: Plan, source: TensorSource, dtype: str) -> None:
     console.print(table)
     rules = Counter(m.rule for m in plan.mappings)
     before = sum(math.prod(s) for s in source_shapes(cfg).values())  # a tied lm_head counts once
-    kv_before, kv_after = kv_bytes_per_token(plan, dtype).values()
+    kv_before, kv_after = kv_bytes_before_after(plan, dtype).values()
     summary = Table(title="summary", show_header=False)
     summary.add_row("tensors kept (copy)", str(rules["copy"]))
     summary.add_row("tensors reshaped (heads)", str(rules["heads"]))
@@ -76,7 +76,7 @@ def manifest(plan: Plan, source_path: Path, source_hash: dict, opts: ConvertOpti
         "init": opts.init,
         "options": {k: v for k, v in sorted(options.items()) if k not in ("force", "dry_run", "out")},
         "dtype": TORCH_NAMES[dtype],
-        "kv_cache_bytes_per_token": kv_bytes_per_token(plan, dtype),
+        "kv_cache_bytes_per_token": kv_bytes_before_after(plan, dtype),
         "mappings": [m.as_dict() for m in plan.mappings],
         "dropped": plan.dropped,
         "fit": fit_report,

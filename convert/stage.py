@@ -19,7 +19,7 @@ from common.options import parse_size
 from common.outputs import atomic_folder, check_output_path, check_outside_inputs, claim_target
 from common.sources import default_wikitext, is_gguf, load_tokenizer, resolve_model_path
 from models import AUTO_MAP, MODEL_TYPE, write_model_code
-from models.kv_layout import source_fields
+from models.source_layout import source_fields
 
 from .options import MIN_CALIB_TOKENS, ConvertOptions
 from .plan import Plan, TargetConfig, build_plan, mark_fitted, materialize, stream

@@ -1,11 +1,13 @@
 """The shared-KV layouts as Hugging Face models.
 
-Nothing heavy is imported with the package: the layout arithmetic (``kv_layout``) and what a
-layout does to a checkpoint's tensors (``layout_tensors``, which checkpoints do not ship: the
-model does not need it) are plain Python, and a copy conversion needs nothing else.
+Nothing heavy is imported with the package: the layout arithmetic (``kv_layout``), which sources
+convert and to what config (``source_layout``), and what a layout does to a checkpoint's tensors
+(``layout_tensors``) are plain Python, and a copy conversion needs nothing else. Checkpoints ship
+only the model and its layout description (``MODEL_CODE_FILES``): the conversion's screening and
+choices and validate's measurements (validate/kvcache.py) stay here.
 ``SharedKVConfig`` (transformers, which imports torch: seconds) is imported on first use of its
 name; the first use of a modeling name (``models.SharedKVForCausalLM``, ``from models import
-kv_cache_bytes``, ...) imports the modeling code and registers ``SharedKVForCausalLM`` with
+SharedKVModel``) imports the modeling code and registers ``SharedKVForCausalLM`` with
 ``AutoModelForCausalLM``. Both classes are marked for ``save_pretrained`` to copy their code into
 the checkpoint with an ``auto_map``, so a converted folder loads with ``trust_remote_code=True``
 and no project on the path. The config is not registered with ``AutoConfig``: its model_type is
@@ -16,14 +18,15 @@ import importlib
 import shutil
 from pathlib import Path
 
-from .kv_layout import LAYOUTS, MODEL_TYPE, SUPPORTED_SOURCE_TYPES
+from .kv_layout import LAYOUTS, MODEL_TYPE
+from .source_layout import SUPPORTED_SOURCE_TYPES
 
 MODEL_CODE_FILES = ("configuration_sharedkv.py", "kv_layout.py", "modeling_sharedkv.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_sharedkv.SharedKVConfig",
     "AutoModelForCausalLM": "modeling_sharedkv.SharedKVForCausalLM",
 }
-MODELING_NAMES = ("SharedKVForCausalLM", "SharedKVModel", "kv_cache_bytes")
+MODELING_NAMES = ("SharedKVForCausalLM", "SharedKVModel")
 
 
 def _import_config() -> None:
@@ -68,6 +71,5 @@ __all__ = [
     "SharedKVConfig",
     "SharedKVForCausalLM",
     "SharedKVModel",
-    "kv_cache_bytes",
     "write_model_code",
 ]

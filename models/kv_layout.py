@@ -24,15 +24,6 @@ from __future__ import annotations
 import math
 
 LAYOUTS = ("fusedkv", "fusedkv_lite", "skipv1", "commonkv")
-SUPPORTED_SOURCE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# What a family's attention adds to Llama's, as the layout fields that say so: Qwen2 has biases on
-# q/k/v but not on o (Llama's attention_bias covers all four), Qwen3 a per-head RMSNorm of queries
-# and keys before RoPE.
-FAMILY_FIELDS = {"qwen2": {"qkv_bias": True, "attention_bias": False}, "qwen3": {"qk_norm": True}}
-MIXTURE_OF_EXPERTS_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
-# RoPE variants transformers' Llama rotary embedding computes (rope_parameters' rope_type); each
-# keeps every pair (j, j + head_dim/2) rotating together, which FusedKV's key gates rely on.
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 # A converted config.json's model_type. AutoTokenizer reads config.json first and, for a type
 # transformers does not know, stops to ask whether to run the folder's code; as "llama" the
 # tokenizer loads without remote code, while AutoModelForCausalLM with trust_remote_code=True
@@ -42,43 +33,9 @@ MODEL_TYPE = "llama"
 # what set_layout stores: the fields a converted config.json adds to the source's
 LAYOUT_FIELDS = ("kv_layout", "source_model_type", "qkv_bias", "qk_norm", "num_storage_layers", "skipv1_own_heads",
                  "commonkv_ratio", "commonkv_group_size", "commonkv_ranks")
-# source config keys that describe the source file, not the model
-NOT_MODEL_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config",
-                    "torch_dtype", "dtype")
 # FusedKV's gates at their copy initialization: keys from the middle layer, values from the bottom
 # one, which is FusedKV-Lite. The model starts there and the converter writes these values.
 FUSED_GATE_INIT = {"key_gate_bottom": 0.0, "key_gate_middle": 1.0, "value_gate_bottom": 1.0, "value_gate_middle": 0.0}
-
-
-def source_fields(fields: dict, model_type: str | None) -> dict:
-    """A supported source config's fields (a dict) as the shared-KV config takes them: everything
-    that describes the model kept (RoPE scaling included), sliding windows and RoPE variants Llama's
-    rotary embedding lacks refused, the family's attention extras made explicit (FAMILY_FIELDS)."""
-    supported = ", ".join(SUPPORTED_SOURCE_TYPES)
-    if model_type in MIXTURE_OF_EXPERTS_TYPES:
-        raise ValueError(f"mixture-of-experts sources ({model_type}) are not supported; supported: {supported}")
-    if model_type not in SUPPORTED_SOURCE_TYPES:
-        raise ValueError(f"unsupported architecture {model_type!r}; supported: {supported}")
-    if "kv_layout" in fields:  # a converted checkpoint says "llama" too (MODEL_TYPE)
-        raise ValueError(f"this checkpoint is already converted ({fields['kv_layout']}); convert its source instead")
-    fields = {k: v for k, v in fields.items() if k not in NOT_MODEL_FIELDS}
-    if model_type == "mistral" and fields.get("sliding_window") is not None:
-        raise ValueError("Mistral with a sliding window is not supported (set sliding_window to null)")
-    if fields.get("use_sliding_window"):
-        raise ValueError(f"{model_type} with use_sliding_window=true (sliding-window attention) is not supported")
-    # a config.json older than transformers 5 names it rope_scaling; the config class reads both
-    rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-    fields.update(FAMILY_FIELDS.get(model_type, {}))
-    fields.pop("layer_types", None)  # sliding layers are refused above, so all layers are full attention
-    fields.pop("sliding_window", None)
-    if fields.get("head_dim") is None:
-        fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
-    if fields.get("num_key_value_heads") is None:
-        fields["num_key_value_heads"] = fields["num_attention_heads"]
-    return fields
 
 
 class KVLayout:
@@ -134,12 +91,12 @@ class KVLayout:
         if not 1 <= size <= layers:
             raise ValueError(f"commonkv_group_size must be in 1..{layers}, got {size}")
         self.commonkv_group_size = size
-        caps = self.commonkv_rank_caps
-        if commonkv_ranks is None:  # uniform per layer; conversion sets them from hidden-state similarity
-            commonkv_ranks = allocate_ranks(self.commonkv_budget, [len(g) for g in self.commonkv_groups], caps)
-        commonkv_ranks = [int(r) for r in commonkv_ranks]
-        if len(commonkv_ranks) != len(caps) or any(not 1 <= r <= c for r, c in zip(commonkv_ranks, caps)):
-            raise ValueError(f"commonkv_ranks needs one rank per group, each in 1..its cap {caps}, got {commonkv_ranks}")
+        # the conversion chooses the ranks (models/source_layout.py, convert/commonkv.py); None until it has
+        if commonkv_ranks is not None:
+            caps = self.commonkv_rank_caps
+            commonkv_ranks = [int(r) for r in commonkv_ranks]
+            if len(commonkv_ranks) != len(caps) or any(not 1 <= r <= c for r, c in zip(commonkv_ranks, caps)):
+                raise ValueError(f"commonkv_ranks needs one rank per group, each in 1..its cap {caps}, got {commonkv_ranks}")
         self.commonkv_ranks = commonkv_ranks
 
     def layout_fields(self) -> dict:
@@ -208,40 +165,3 @@ def dense_kv_elements_per_token(config) -> int:
     source does: 2 * layers * kv_heads * head_dim. Any Llama-family config (head_dim may be unset)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-
-
-def kv_bytes_per_token(config, bytes_per_element: int) -> int:
-    """KV-cache bytes one token costs (batch 1) by the config's arithmetic: its layout's, or the
-    dense cache of a model without one (a source, the control arm)."""
-    if hasattr(config, "kv_cache_bytes_per_token"):
-        return config.kv_cache_bytes_per_token(bytes_per_element)
-    return dense_kv_elements_per_token(config) * bytes_per_element
-
-
-def allocate_ranks(budget: int, weights: list[float], caps: list[int]) -> list[int]:
-    """Split an integer budget in proportion to weights, every share in 1..its cap.
-
-    One unit each is set aside first; the rest is water-filled: shares that reach their cap are
-    fixed there and what is left is split again among the others. Integers by largest remainder,
-    so the shares sum to the budget clipped to [len(caps), sum(caps)].
-    """
-    n = len(caps)
-    budget = max(n, min(int(budget), sum(caps)))
-    room = [c - 1 for c in caps]
-    shares = [0.0] * n
-    free, left = [i for i in range(n) if room[i] > 0], float(budget - n)
-    while free:
-        total = sum(weights[i] for i in free)
-        share = {i: left * weights[i] / total for i in free}
-        capped = [i for i in free if share[i] >= room[i]]
-        for i in capped or free:
-            shares[i] = float(room[i]) if capped else share[i]
-        if not capped:
-            break
-        left -= sum(room[i] for i in capped)
-        free = [i for i in free if i not in capped]
-    ranks = [1 + math.floor(s) for s in shares]
-    by_remainder = sorted(range(n), key=lambda i: math.floor(shares[i]) - shares[i])
-    for i in by_remainder[: budget - sum(ranks)]:
-        ranks[i] += 1
-    return ranks

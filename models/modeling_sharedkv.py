@@ -404,13 +404,3 @@ class SharedKVForCausalLM(SharedKVPreTrainedModel, LlamaForCausalLM, GenerationM
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-
-def kv_cache_bytes(cache: Cache) -> int:
-    """Bytes the cache object really holds (keys and values of every layer that stores any)."""
-    total = 0
-    for layer in cache.layers:
-        for tensor in (layer.keys, layer.values):
-            if tensor is not None:
-                total += tensor.numel() * tensor.element_size()
-    return total

@@ -31,9 +31,9 @@ PROMPTS = (
 )
 
 
-def kv_bytes_per_token(folder: Path, bytes_per_element: int) -> int:
-    """From config.json alone: the layout's arithmetic, or a plain Llama's 2 x layers x kv_heads x head_dim."""
-    from models.kv_layout import LAYOUT_FIELDS, KVLayout
+def kv_bytes_from_config_json(folder: Path, bytes_per_element: int) -> int:
+    """KV-cache bytes per token from config.json alone: the layout's arithmetic, or a plain Llama's dense cache."""
+    from models.kv_layout import LAYOUT_FIELDS, KVLayout, dense_kv_elements_per_token
 
     config = json.loads((folder / "config.json").read_text())
     layout = KVLayout()
@@ -41,7 +41,7 @@ def kv_bytes_per_token(folder: Path, bytes_per_element: int) -> int:
     layout.num_key_value_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
     layout.head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if "kv_layout" not in config:
-        return 2 * layout.num_hidden_layers * layout.num_key_value_heads * layout.head_dim * bytes_per_element
+        return dense_kv_elements_per_token(layout) * bytes_per_element
     layout.attention_bias = config.get("attention_bias", False)
     layout.set_layout(**{name: config[name] for name in LAYOUT_FIELDS if name in config})
     return layout.kv_cache_bytes_per_token(bytes_per_element)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
     result = {"checkpoint": str(args.checkpoint), "prompt_lengths": [len(ids) for ids in prompt_ids],
               "kv_cache_bytes": args.kv_cache_bytes, "max_model_len": args.max_model_len,
-              "kv_bytes_per_token": kv_bytes_per_token(args.checkpoint, 2 if "16" in args.dtype else 4),
+              "kv_bytes_per_token": kv_bytes_from_config_json(args.checkpoint, 2 if "16" in args.dtype else 4),
               "vllm": run_vllm(args.checkpoint, prompt_ids, args)}
     if not args.skip_transformers:
         result["transformers"] = run_transformers(args.checkpoint, prompt_ids, args)

@@ -7,7 +7,9 @@ from transformers import AutoModelForCausalLM
 
 from convert.commonkv import adaptive_ranks, group_factors, group_similarity
 from convert.layerwise import LayerwiseModel
-from models import SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes
+from models import SharedKVForCausalLM
+from models.source_layout import shared_kv_config
+from validate.kvcache import kv_cache_bytes
 from tests.test_models import VOCAB, incremental_logits, random_source
 
 IDS = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(0))
@@ -15,7 +17,7 @@ IDS = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(0
 
 def commonkv_model(source, **layout_kwargs):
     """The source converted in memory: the paper's SVD factors, every other weight as it is."""
-    cfg = SharedKVConfig.from_source(source.config, "commonkv", **layout_kwargs)
+    cfg = shared_kv_config(source.config, "commonkv", **layout_kwargs)
     model = SharedKVForCausalLM(cfg).eval()
     state = source.state_dict()
     for group in range(len(cfg.commonkv_groups)):
@@ -108,7 +110,7 @@ def test_adaptive_budget_gives_more_rank_to_the_less_similar_group():
         source.model.layers[0].self_attn.o_proj.weight.zero_()
         source.model.layers[0].mlp.down_proj.weight.zero_()
         source.model.layers[2].mlp.down_proj.weight.normal_(0, 5.0)  # ... and layer 2 changes it a lot
-    cfg = SharedKVConfig.from_source(source.config, "commonkv", commonkv_ratio=0.5)
+    cfg = shared_kv_config(source.config, "commonkv", commonkv_ratio=0.5)
     state = source.state_dict()
     similarity = group_similarity(LayerwiseModel.build(lambda: type(source)(source.config), state.__getitem__, "cpu"), cfg, IDS)
     assert similarity[0] == pytest.approx(1.0, abs=1e-5) and similarity[1] < 0.9

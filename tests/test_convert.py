@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from models.kv_layout import FUSED_GATE_INIT
-from models import SharedKVConfig
+from models.source_layout import shared_kv_config
 
 IDS = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -467,7 +467,7 @@ def test_layout_config_keeps_every_source_field(make_source):
 
     src = make_source(family="qwen2", tied=False)
     source_cfg = AutoConfig.from_pretrained(src)
-    cfg = SharedKVConfig.from_source(source_cfg, "fusedkv")
+    cfg = shared_kv_config(source_cfg, "fusedkv")
     assert cfg.qkv_bias and not cfg.attention_bias
     assert cfg.max_window_layers == source_cfg.max_window_layers and cfg.rope_parameters == source_cfg.rope_parameters
 
@@ -498,13 +498,13 @@ def test_llama_copy_conversion_imports_neither_torch_nor_transformers(make_sourc
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "llama3"])
 def test_converted_config_loads_as_transformers_builds_it(make_source, cli, tmp_path, family):
     """config.json is the source's fields plus the layout's; loaded, it equals the config that
-    SharedKVConfig.from_source makes from transformers' own reading of the source."""
+    shared_kv_config makes from transformers' own reading of the source."""
     from transformers import AutoConfig
 
     src = make_source(family=family, tied=family == "llama")
     assert cli("convert", "--source", src, "--layout", "skipv1", "--out", tmp_path / "out") == 0
     loaded = AutoConfig.from_pretrained(tmp_path / "out", trust_remote_code=True).to_dict()
-    expected = SharedKVConfig.from_source(AutoConfig.from_pretrained(src), "skipv1").to_dict()
+    expected = shared_kv_config(AutoConfig.from_pretrained(src), "skipv1").to_dict()
     ignored = ("architectures", "auto_map", "dtype", "transformers_version", "_name_or_path", "model_type")
     assert {k: v for k, v in loaded.items() if k not in ignored} == {k: v for k, v in expected.items() if k not in ignored}
 

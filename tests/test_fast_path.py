@@ -12,7 +12,8 @@ from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama
 
 import models.modeling_sharedkv as modeling_sharedkv
-from models import SharedKVConfig, SharedKVForCausalLM
+from models import SharedKVForCausalLM
+from models.source_layout import shared_kv_config
 from uptrain import fast_path, loss as uptrain_loss
 
 
@@ -61,7 +62,7 @@ def tiny_fusedkv():
     source = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     source._attn_implementation = "sdpa"
-    return SharedKVForCausalLM(SharedKVConfig.from_source(source, "fusedkv")).train()
+    return SharedKVForCausalLM(shared_kv_config(source, "fusedkv")).train()
 
 
 def module_classes(model):

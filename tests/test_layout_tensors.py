@@ -5,10 +5,11 @@ import pytest
 from safetensors import safe_open
 
 from common.sources import load_causal_lm
-from models import SharedKVConfig, SharedKVForCausalLM
-from models.kv_layout import LAYOUTS, dense_kv_elements_per_token, kv_bytes_per_token
+from models import SharedKVForCausalLM
+from models.kv_layout import LAYOUTS, dense_kv_elements_per_token
 from models.layout_tensors import adapting_modules, attn_key, attn_name, layer_tensors, module_of, target_shapes
-from validate.kvcache import measure_decode
+from models.source_layout import shared_kv_config
+from validate.kvcache import kv_bytes_per_token, measure_decode
 
 # Llama tied (attention without bias), Qwen2 untied (q/k/v biases), Qwen3 (q/k norms, head_dim != hidden / heads)
 FAMILIES = [("llama", True), ("qwen2", False), ("qwen3", True)]
@@ -52,7 +53,7 @@ def test_every_added_or_changed_tensor_is_one_the_layer_adapts_through(layout):
     """What a conversion computes instead of copying is always fitted by reconstruct and warmed up by uptrain."""
     from tests.test_models import source_config
 
-    cfg = SharedKVConfig.from_source(source_config("qwen3", layers=5), layout)
+    cfg = shared_kv_config(source_config("qwen3", layers=5), layout)
     for i in range(cfg.num_hidden_layers):
         tensors = layer_tensors(cfg, i)
         assert {module_of(n) for n in (*tensors.added, *tensors.changed)} <= set(adapting_modules(cfg, i))

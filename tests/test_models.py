@@ -9,8 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Config
 from transformers import MistralForCausalLM, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from models import SharedKVConfig, SharedKVForCausalLM, kv_cache_bytes
+from models import SharedKVConfig, SharedKVForCausalLM
 from models.modeling_sharedkv import FusedAttention, SkipV1Attention
+from models.source_layout import shared_kv_config
+from validate.kvcache import kv_cache_bytes
 from tests.conftest import LLAMA3_ROPE, WITHOUT_PROJECT
 
 VOCAB = 101
@@ -60,7 +62,7 @@ def random_gates(model, seed=1):
 
 def layout_model(layout, source=None, seed=0, **layout_kwargs):
     source = source or random_source(seed=seed)
-    cfg = SharedKVConfig.from_source(source.config, layout, **layout_kwargs)
+    cfg = shared_kv_config(source.config, layout, **layout_kwargs)
     torch.manual_seed(seed + 1)
     model = SharedKVForCausalLM(cfg).eval()
     model.load_state_dict(first_heads_state(source.state_dict(), cfg), strict=False)
@@ -96,7 +98,7 @@ LAYOUT_CASES = [
 def test_sharing_off_equals_source_logits(family, kv_heads, tied, layout):
     source = random_source(family, kv_heads=kv_heads, tied=tied)
     off = {"num_storage_layers": 4} if layout != "skipv1" else {"skipv1_own_heads": [list(range(kv_heads))] * 4}
-    cfg = SharedKVConfig.from_source(source.config, layout, **off)
+    cfg = shared_kv_config(source.config, layout, **off)
     model = SharedKVForCausalLM(cfg).eval()
     result = model.load_state_dict(source.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
@@ -122,8 +124,8 @@ def test_fusedkv_top_layers_have_no_kv_projection():
 
 def test_fusedkv_copy_init_equals_lite():
     source = random_source()
-    fused = SharedKVForCausalLM(SharedKVConfig.from_source(source.config, "fusedkv")).eval()
-    lite = SharedKVForCausalLM(SharedKVConfig.from_source(source.config, "fusedkv_lite")).eval()
+    fused = SharedKVForCausalLM(shared_kv_config(source.config, "fusedkv")).eval()
+    lite = SharedKVForCausalLM(shared_kv_config(source.config, "fusedkv_lite")).eval()
     fused.load_state_dict(source.state_dict(), strict=False)
     lite.load_state_dict(source.state_dict(), strict=False)
     ids = torch.randint(0, VOCAB, (1, 9))
@@ -176,7 +178,7 @@ def test_every_rope_scaling_is_applied_as_in_the_source(rope):
     torch.manual_seed(0)
     source = LlamaForCausalLM(LlamaConfig(**{**COMMON, "max_position_embeddings": 32}, num_hidden_layers=4,
                                           num_key_value_heads=2, rope_parameters=dict(rope))).eval()
-    cfg = SharedKVConfig.from_source(source.config, "fusedkv", num_storage_layers=4)
+    cfg = shared_kv_config(source.config, "fusedkv", num_storage_layers=4)
     model = SharedKVForCausalLM(cfg).eval()
     model.load_state_dict(source.state_dict())
     assert model.model.rotary_emb.rope_type == rope["rope_type"]
@@ -277,7 +279,7 @@ def test_skipv1_odd_kv_heads_with_arbitrary_own_heads():
     torch.manual_seed(0)
     src = LlamaForCausalLM(LlamaConfig(**{**COMMON, "hidden_size": 48, "num_attention_heads": 6,
                                           "num_key_value_heads": 3, "num_hidden_layers": 3})).eval()
-    cfg = SharedKVConfig.from_source(src.config, "skipv1", skipv1_own_heads=[[0, 1, 2], [2], [0, 2]])
+    cfg = shared_kv_config(src.config, "skipv1", skipv1_own_heads=[[0, 1, 2], [2], [0, 2]])
     model = SharedKVForCausalLM(cfg).eval()
     model.load_state_dict(first_heads_state(src.state_dict(), cfg), strict=False)
     ids = torch.randint(0, VOCAB, (1, 10))
@@ -298,7 +300,7 @@ def test_skipv1_odd_kv_heads_with_arbitrary_own_heads():
 
 
 def test_skipv1_default_own_heads_is_half_of_kv_heads():
-    cfg = SharedKVConfig.from_source(source_config(kv_heads=4), "skipv1")
+    cfg = shared_kv_config(source_config(kv_heads=4), "skipv1")
     assert cfg.skipv1_own_heads[1:] == [[0, 1]] * 3
     cfg3 = SharedKVConfig(**{**source_config(kv_heads=1).to_dict(), "kv_layout": "skipv1"})
     assert cfg3.skipv1_own_heads[1] == []
@@ -469,6 +471,6 @@ def test_config_rejects_bad_layout_fields(bad, match):
 def test_unsupported_source_architecture_is_named():
     from transformers import GPT2Config
     with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, qwen3"):
-        SharedKVConfig.from_source(GPT2Config(), "fusedkv")
+        shared_kv_config(GPT2Config(), "fusedkv")
     with pytest.raises(ValueError, match="sliding window"):
-        SharedKVConfig.from_source(MistralConfig(sliding_window=64, **COMMON), "fusedkv")
+        shared_kv_config(MistralConfig(sliding_window=64, **COMMON), "fusedkv")

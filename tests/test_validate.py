@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.sources import load_tokenizer
-from models import SharedKVConfig, SharedKVForCausalLM
+from models import SharedKVForCausalLM
+from models.source_layout import shared_kv_config
 from validate.bootstrap import ratio_interval
 from validate.options import ValidateOptions
 from validate.stage import build_report
@@ -52,7 +53,7 @@ def perturbed_copy(src, dest, scale):
 def layout_checkpoint(src, layout, dest):
     """A randomly initialised checkpoint of the layout, built from the source config, with its tokenizer."""
     torch.manual_seed(0)
-    SharedKVForCausalLM(SharedKVConfig.from_source(AutoConfig.from_pretrained(src), layout)).save_pretrained(dest)
+    SharedKVForCausalLM(shared_kv_config(AutoConfig.from_pretrained(src), layout)).save_pretrained(dest)
     for name in TOKENIZER_FILES:
         shutil.copy(src / name, dest / name)
     return dest

@@ -1,43 +1,71 @@
-"""KV-cache bytes per token measured from the cache object after decoding, and decode speed.
+"""KV-cache bytes per token, by the config's arithmetic and measured from the cache object after
+decoding, and decode speed.
 
-The measured number comes from the tensors the cache really holds (``models.kv_cache_bytes``), so
-a layout that claims a saving but still stores K/V somewhere shows up as a mismatch with the
+The measured number comes from the tensors the cache really holds (``kv_cache_bytes``), so a
+layout that claims a saving but still stores K/V somewhere shows up as a mismatch with the
 arithmetic of its config.
 """
 from __future__ import annotations
 
+import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from models import kv_cache_bytes
-from models.kv_layout import kv_bytes_per_token
+from models.kv_layout import dense_kv_elements_per_token
+
+if TYPE_CHECKING:
+    from transformers import Cache
+
+WARMUP_STEPS = 4  # decode steps of the untimed run: the first calls are behind by then
 
 
-def arithmetic_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """What the config says one cached token of dtype costs (batch 1): the layout's arithmetic, or a dense cache's."""
-    return kv_bytes_per_token(config, torch.tensor([], dtype=dtype).element_size())
+def kv_bytes_per_token(config, bytes_per_element: int) -> int:
+    """KV-cache bytes one token costs (batch 1) by the config's arithmetic: its layout's, or the
+    dense cache of a model without one (a source, the control arm)."""
+    if hasattr(config, "kv_cache_bytes_per_token"):
+        return config.kv_cache_bytes_per_token(bytes_per_element)
+    return dense_kv_elements_per_token(config) * bytes_per_element
+
+
+def kv_cache_bytes(cache: Cache) -> int:
+    """Bytes the cache object really holds (keys and values of every layer that stores any)."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 @torch.inference_mode()
 def measure_decode(model, prompt_tokens: int, new_tokens: int, seed: int = 0) -> dict:
     """Prefill a random prompt of ``prompt_tokens``, decode greedily (batch 1), then read the cache.
 
-    One decode step runs untimed first (warm-up: first-call allocations would otherwise count);
-    ``new_tokens`` (>= 1) further steps are timed with ``time.perf_counter``.
+    Every model is timed the same way, so that their speeds compare: a short run untimed first
+    (first calls allocate and choose kernels), then the run, with one untimed step and ``new_tokens``
+    (>= 1) steps timed one by one. The speed is the median step's: a step that another process on
+    the machine slowed does not move it.
     """
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=generator)
-    out = model(ids, use_cache=True, logits_to_keep=1)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    seconds = 0.0
-    for step in range(new_tokens + 1):
-        start = time.perf_counter()
-        out = model(token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        seconds += (time.perf_counter() - start) if step else 0.0
+    _decode(model, ids, min(new_tokens, WARMUP_STEPS))
+    cache, seconds = _decode(model, ids, new_tokens)
     cached = cache.get_seq_length()
     measured = kv_cache_bytes(cache)
     return {"context": prompt_tokens, "cached_tokens": cached, "kv_cache_bytes": measured,
             "kv_bytes_per_token": measured / cached,
-            "decode_tokens_per_s": new_tokens / seconds}
+            "decode_tokens_per_s": 1 / statistics.median(seconds)}
+
+
+def _decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[Cache, list[float]]:
+    """Prefill ids, then 1 + new_tokens greedy steps: the cache, and the seconds of each of the last new_tokens."""
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    seconds = []
+    for _ in range(new_tokens + 1):
+        start = time.perf_counter()
+        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        seconds.append(time.perf_counter() - start)
+    return cache, seconds[1:]

@@ -23,7 +23,8 @@ import torch
 from common.console import progress
 from common.errors import UserError
 from common.sources import check_fits
-from models import kv_cache_bytes
+
+from .kvcache import kv_cache_bytes
 
 if TYPE_CHECKING:
     from .options import ValidateOptions

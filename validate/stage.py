@@ -38,7 +38,7 @@ from common.sources import (
 
 from . import behaviour, passkey, tasks
 from .bootstrap import ratio_interval
-from .kvcache import arithmetic_bytes_per_token, measure_decode
+from .kvcache import kv_bytes_per_token, measure_decode
 from .options import DEFAULT_CONTEXT, DEFAULT_DECODE, ValidateOptions
 from .perplexity import WindowScores, score_windows
 from .report import render_console, write_report
@@ -186,7 +186,7 @@ def evaluate_model(role: str, path: Path, token_sets, opts: ValidateOptions, tok
         "dtype": str(model.dtype).removeprefix("torch."),
         "scores": [score_windows(model, ids, opts.context, opts.stride, f"{role} ppl {name}") for name, ids in token_sets],
         "decode": decode,
-        "kv_bytes_per_token_arithmetic": arithmetic_bytes_per_token(model.config, model.dtype),
+        "kv_bytes_per_token_arithmetic": kv_bytes_per_token(model.config, model.dtype.itemsize),
         "kv_bytes_per_token_measured": decode[-1]["kv_bytes_per_token"],
     }
     if prompts:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import run
-from serve.check import kv_bytes_per_token
+from serve.check import kv_bytes_from_config_json
 
 BUDGET = 16 << 20  # bytes of KV cache vLLM is given
 BLOCK = 32
@@ -61,7 +61,7 @@ def test_vllm_equals_transformers_and_allocates_the_layout_cache(checkpoints, tm
     per_token = result["kv_bytes_per_token"]
     assert vllm["block_size"] == BLOCK
     assert vllm["num_blocks"] == BUDGET // (per_token * BLOCK)
-    source = kv_bytes_per_token(checkpoints / "source", 4)
+    source = kv_bytes_from_config_json(checkpoints / "source", 4)
     expected_ratio = {"fusedkv": 0.5, "fusedkv_lite": 0.5, "skipv1": (4 + 3 * 3) / 16, "commonkv": 0.5}[layout]
     assert per_token == source * expected_ratio
 
