@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -123,14 +123,14 @@ def reconstruct(source: SourceActivations, target: LayerwiseModel, ids: torch.Te
     fitted: dict[str, torch.Tensor] = {}
     with progress() as bar:
         task = bar.add_task(f"reconstruct ({options.mode})", total=len(changed) * options.steps)
+        fitter = LayerFitter(source, ctx, shared_kv, options, advance=lambda: bar.advance(task))
         for i in range(config.num_hidden_layers):
-            role = config.layer_role(i)
             layer_input = hidden if options.mode == "sequential" else source.hidden[i].to(ids.device)
             with target.layer(i) as layer:
                 layer.requires_grad_(False)
                 if i in changed:
                     params = adapting_params(layer, config, i)
-                    fits.append(_fit_layer(layer, i, role, list(params.values()), layer_input, source, ctx, shared_kv, options, bar, task))
+                    fits.append(fitter.fit(layer, i, config.layer_role(i), list(params.values()), layer_input))
                     fitted.update((attn_key(i, name), p.detach().to("cpu", copy=True)) for name, p in params.items())
                 with torch.no_grad():  # storage layers publish their K/V into shared_kv here
                     hidden = call_layer(layer, layer_input, ctx, shared_kv=shared_kv)
@@ -167,44 +167,59 @@ def _select(shared_kv: dict, idx: torch.Tensor | slice) -> dict:
     return {layer: tuple(t if t is None else t[idx] for t in kv) for layer, kv in shared_kv.items()}
 
 
-def _fit_layer(layer, i, role, params, layer_input, source, ctx, shared_kv, options, bar, task) -> LayerFit:
-    for p in params:
-        p.requires_grad_(True)
-    # Both modes fit the attention output; sequential mode also asks it to cancel the drift that
-    # the converted layers below left in its input, so the residual stream after this attention
-    # lands where the source's did: h_conv + attn(h_conv) = h_src + attn_src.
-    source_out = source.attention[i].to(layer_input.device)
-    target_out = source_out + (source.hidden[i].to(layer_input.device) - layer_input if options.mode == "sequential" else 0)
+@dataclass
+class LayerFitter:
+    """What every changed layer's fit shares: the source's activations, the pool's RoPE and mask, the
+    K/V the storing layers published, the options, and the progress bar's step."""
 
-    def error(idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        pred = _attention(layer, layer_input[idx], ctx, _select(shared_kv, idx))
-        return normalized_mse(pred, target_out[idx], source_out[idx].pow(2).sum())
+    source: SourceActivations
+    ctx: PoolContext
+    shared_kv: dict
+    options: ReconstructOptions
+    advance: Callable[[], None]
 
-    with torch.no_grad():
-        before = error().item()
-    optimizer = torch.optim.Adam(params, lr=options.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.steps)
-    initial = [p.detach().clone() for p in params]
-    batches = _batches(len(layer_input), options.batch_sequences, torch.Generator().manual_seed(options.seed + i))
-    for _, idx in zip(range(options.steps), batches):
-        loss = error(idx)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.advance(task)
-    with torch.no_grad():
-        after = error().item()
-        if not math.isfinite(after):  # the learning rate, not the source: the fit started finite
-            raise UserError(f"reconstruct diverged on layer {i} at --reconstruct-lr {options.lr:g} (its error went "
-                            f"from {before:.3g} to {after}); lower --reconstruct-lr")
-        if after > before:  # never hand back a layer worse than its starting point
-            for p, saved in zip(params, initial):
-                p.copy_(saved)
-            after = before
-    for p in params:
-        p.requires_grad_(False)
-    return LayerFit(layer=i, role=role, error_before=before, error_after=after)
+    def fit(self, layer: nn.Module, i: int, role: str, params: list[nn.Parameter],
+            layer_input: torch.Tensor) -> LayerFit:
+        """Train params (layer i's adapting tensors) until its attention reproduces the source's; a fit
+        that ends worse than it started is undone."""
+        source, options = self.source, self.options
+        for p in params:
+            p.requires_grad_(True)
+        # Both modes fit the attention output; sequential mode also asks it to cancel the drift that
+        # the converted layers below left in its input, so the residual stream after this attention
+        # lands where the source's did: h_conv + attn(h_conv) = h_src + attn_src.
+        source_out = source.attention[i].to(layer_input.device)
+        target_out = source_out + (source.hidden[i].to(layer_input.device) - layer_input if options.mode == "sequential" else 0)
+
+        def error(idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+            pred = _attention(layer, layer_input[idx], self.ctx, _select(self.shared_kv, idx))
+            return normalized_mse(pred, target_out[idx], source_out[idx].pow(2).sum())
+
+        with torch.no_grad():
+            before = error().item()
+        optimizer = torch.optim.Adam(params, lr=options.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.steps)
+        initial = [p.detach().clone() for p in params]
+        batches = _batches(len(layer_input), options.batch_sequences, torch.Generator().manual_seed(options.seed + i))
+        for _, idx in zip(range(options.steps), batches):
+            loss = error(idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            self.advance()
+        with torch.no_grad():
+            after = error().item()
+            if not math.isfinite(after):  # the learning rate, not the source: the fit started finite
+                raise UserError(f"reconstruct diverged on layer {i} at --reconstruct-lr {options.lr:g} (its error went "
+                                f"from {before:.3g} to {after}); lower --reconstruct-lr")
+            if after > before:  # never hand back a layer worse than its starting point
+                for p, saved in zip(params, initial):
+                    p.copy_(saved)
+                after = before
+        for p in params:
+            p.requires_grad_(False)
+        return LayerFit(layer=i, role=role, error_before=before, error_after=after)
 
 
 def fits_as_dicts(fits: list[LayerFit]) -> list[dict]:
