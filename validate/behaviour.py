@@ -31,6 +31,7 @@ from common.console import progress
 from common.errors import UserError
 from common.sources import PROJECT_ROOT, check_fits
 
+from . import check
 from .samples import prompt_ids
 
 if TYPE_CHECKING:
@@ -91,16 +92,6 @@ def _jsonl_prompt(flag: str, number: int, line: str) -> str:
     return prompt.strip()
 
 
-def prepare(opts: ValidateOptions, tokenizer, paths: dict[str, Path]) -> Check | None:
-    """The check with its prompts tokenized by the source's tokenizer, or None when not asked for."""
-    chosen = settings(opts)
-    if chosen is None:
-        return None
-    check = Check(tokenizer, *chosen)
-    check_positions(check.prompt_tokens, check.tokens, paths)
-    return check
-
-
 def check_positions(prompt_tokens: list[list[int]], tokens: int, paths: dict[str, Path]) -> None:
     """The longest prompt plus its answer fits in every model's positions (read from its config, not loaded)."""
     needed = max(len(ids) for ids in prompt_tokens) + tokens
@@ -120,9 +111,10 @@ class Batch:
 
 
 @dataclass
-class Check:
+class Check(check.Check):
     """The behaviour check across models loaded one at a time: the source (evaluated first) answers and
     keeps its distributions; each later model is scored against them."""
+    name = "behaviour"
     tokenizer: object
     prompts: list[str]
     tokens: int
@@ -131,6 +123,16 @@ class Check:
 
     def __post_init__(self):
         self.prompt_tokens = [prompt_ids(self.tokenizer, p)["input_ids"][0].tolist() for p in self.prompts]
+
+    @classmethod
+    def prepare(cls, opts: ValidateOptions, tokenizer, paths: dict[str, Path]) -> Check | None:
+        """The check with its prompts tokenized by the source's tokenizer, or None when not asked for."""
+        chosen = settings(opts)
+        if chosen is None:
+            return None
+        made = cls(tokenizer, *chosen)
+        check_positions(made.prompt_tokens, made.tokens, paths)
+        return made
 
     def evaluate(self, model, role: str) -> dict:
         if role == "source":
@@ -187,6 +189,60 @@ class Check:
             "per_prompt_kl": (torch.bincount(owner, kl, len(self.prompts)) / counts).tolist(),
         }
 
+    # --- the report ------------------------------------------------------------------------------
+    @staticmethod
+    def section(results: dict[str, dict], reference: str, opts: ValidateOptions) -> dict:
+        """The report's behaviour section: every model's pooled agreement and KL against the source, the
+        candidate judged against --min-agreement when given, and per prompt the source's answer and each score."""
+        min_agreement = opts.min_agreement
+        source = results["source"]
+        compared = {role: res for role, res in results.items() if role != "source"}
+        agreement = compared["candidate"]["agreement"]
+        return {
+            "prompts": len(source["prompts"]), "tokens": source["tokens"], "positions": source["positions"],
+            "agreement": {role: res["agreement"] for role, res in compared.items()},
+            "kl": {role: res["kl"] for role, res in compared.items()},
+            "min_agreement": min_agreement,
+            "pass": None if min_agreement is None else agreement >= min_agreement,
+            "per_prompt": [{"prompt": prompt, "source_answer": source["answers"][i],
+                            "agreement": {role: res["per_prompt_agreement"][i] for role, res in compared.items()},
+                            "kl": {role: res["per_prompt_kl"][i] for role, res in compared.items()}}
+                           for i, prompt in enumerate(source["prompts"])],
+        }
+
+    @staticmethod
+    def rows(report: dict) -> list[tuple[str, list[str]]]:
+        """Rows for the model table, beside perplexity: the source is the reference, so its cells are '-'."""
+        section = report.get("behaviour")
+        if not section:
+            return []
+        roles = list(report["models"])
+        return [(label, [f"{section[key][role]:.4f}" if role in section[key] else "-" for role in roles])
+                for label, key in (("behaviour: next-token agreement", "agreement"),
+                                   ("behaviour: KL(source‖model), nats", "kl"))]
+
+    @staticmethod
+    def vote(section: dict, reference: str, opts: ValidateOptions) -> check.Vote | None:
+        if opts.min_agreement is None:
+            return None
+        return check.Vote(section["pass"], f"behaviour agreement {section['agreement']['candidate']:.4f} "
+                                           f"(min {section['min_agreement']:g})",
+                          f"And the candidate's greedy next-token agreement with the source on the behaviour prompts "
+                          f">= {opts.min_agreement:g}.")
+
+    @staticmethod
+    def markdown_lines(report: dict) -> list[str]:
+        section = report.get("behaviour")
+        if not section:
+            return []
+        judged = ("not judged (no --min-agreement)" if section["pass"] is None else
+                  f"candidate {section['agreement']['candidate']:.4f} vs min {section['min_agreement']:g} -> "
+                  + ("PASS" if section["pass"] else "FAIL"))
+        return [f"behaviour: {section['prompts']} prompts, the source's first {section['tokens']} greedy tokens "
+                f"each ({section['positions']:,} positions up to its stop token), every model teacher-forced on them; "
+                f"greedy next-token agreement and mean KL(source || model) per position; {judged}. Per-prompt scores "
+                "and the source's answers: report.json.", ""]
+
 
 def stop_ids(model, tokenizer) -> list[int]:
     """Tokens that end an answer: the model's generation config's EOS ids and the tokenizer's."""
@@ -213,50 +269,3 @@ def next_token_logp(model, ids: torch.Tensor, mask: torch.Tensor, answer: int) -
     logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                    position_ids=positions.to(model.device), use_cache=False, logits_to_keep=answer + 1).logits
     return F.log_softmax(logits[:, :-1].float(), -1).cpu()
-
-
-def table(results: dict[str, dict], min_agreement: float | None) -> dict:
-    """The report's behaviour section: every model's pooled agreement and KL against the source, the
-    candidate judged against --min-agreement when given, and per prompt the source's answer and each score."""
-    source = results["source"]
-    compared = {role: res for role, res in results.items() if role != "source"}
-    agreement = compared["candidate"]["agreement"]
-    return {
-        "prompts": len(source["prompts"]), "tokens": source["tokens"], "positions": source["positions"],
-        "agreement": {role: res["agreement"] for role, res in compared.items()},
-        "kl": {role: res["kl"] for role, res in compared.items()},
-        "min_agreement": min_agreement,
-        "pass": None if min_agreement is None else agreement >= min_agreement,
-        "per_prompt": [{"prompt": prompt, "source_answer": source["answers"][i],
-                        "agreement": {role: res["per_prompt_agreement"][i] for role, res in compared.items()},
-                        "kl": {role: res["per_prompt_kl"][i] for role, res in compared.items()}}
-                       for i, prompt in enumerate(source["prompts"])],
-    }
-
-
-def rows(report: dict) -> list[tuple[str, list[str]]]:
-    """Rows for the model table, beside perplexity: the source is the reference, so its cells are '-'."""
-    section = report.get("behaviour")
-    if not section:
-        return []
-    roles = list(report["models"])
-    return [(label, [f"{section[key][role]:.4f}" if role in section[key] else "-" for role in roles])
-            for label, key in (("behaviour: next-token agreement", "agreement"),
-                               ("behaviour: KL(source‖model), nats", "kl"))]
-
-
-def summary(section: dict) -> str:
-    return f"behaviour agreement {section['agreement']['candidate']:.4f} (min {section['min_agreement']:g})"
-
-
-def markdown_lines(report: dict) -> list[str]:
-    section = report.get("behaviour")
-    if not section:
-        return []
-    judged = ("not judged (no --min-agreement)" if section["pass"] is None else
-              f"candidate {section['agreement']['candidate']:.4f} vs min {section['min_agreement']:g} -> "
-              + ("PASS" if section["pass"] else "FAIL"))
-    return [f"behaviour: {section['prompts']} prompts, the source's first {section['tokens']} greedy tokens each "
-            f"({section['positions']:,} positions up to its stop token), every model teacher-forced on them; greedy "
-            f"next-token agreement and mean KL(source || model) per position; {judged}. Per-prompt scores and the "
-            "source's answers: report.json.", ""]

@@ -22,8 +22,10 @@ import torch
 
 from common.console import progress
 from common.errors import UserError
+from common.outputs import user_os_errors
 from common.sources import check_fits
 
+from . import check
 from .kvcache import kv_cache_bytes
 
 if TYPE_CHECKING:
@@ -211,3 +213,30 @@ def plot(passkey: dict, path: Path, title: str = "passkey retrieval") -> None:
     fig.suptitle(title)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+class Passkey(check.Check):
+    """Passkey retrieval as a check of validate: every model answers the same prompts. Reported, never judged."""
+    name = "passkey"
+
+    def __init__(self, tokenizer, prompts: list[Prompt]):
+        self.tokenizer, self.prompts = tokenizer, prompts
+
+    @classmethod
+    def prepare(cls, opts: ValidateOptions, tokenizer, paths: dict[str, Path]) -> Passkey | None:
+        chosen = settings(opts)
+        return None if chosen is None else cls(tokenizer, build_prompts(tokenizer, *chosen, opts.seed))
+
+    def evaluate(self, model, role: str) -> dict:
+        return evaluate(model, self.tokenizer, self.prompts, f"{role} passkey")
+
+    @staticmethod
+    def section(results: dict[str, dict], reference: str, opts: ValidateOptions) -> dict:
+        return table(results)
+
+    markdown_lines = staticmethod(markdown_lines)
+
+    @staticmethod
+    def write_files(section: dict, folder: Path) -> None:
+        with user_os_errors(folder):
+            plot(section, folder / "passkey.png", f"passkey retrieval: {folder.name}")

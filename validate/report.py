@@ -11,7 +11,7 @@ from rich.table import Table
 from common.console import console
 from common.outputs import made_folder, user_os_errors
 
-from . import behaviour, passkey, tasks
+from .checks import CHECKS
 
 
 def model_rows(report: dict) -> list[tuple[str, list[str]]]:
@@ -24,7 +24,7 @@ def model_rows(report: dict) -> list[tuple[str, list[str]]]:
 
     rows = [row(f"ppl {t['name']} ({t['tokens']:,} tok)", lambda r, t=t: f"{t['perplexity'][r]:.3f}")
             for t in report["texts"]]
-    rows += behaviour.rows(report)
+    rows += [row for check in CHECKS for row in check.rows(report)]
     rows += [
         row("KV bytes/token, measured", lambda r: f"{models[r]['kv_bytes_per_token_measured']:,.0f}"),
         row("KV bytes/token, arithmetic", lambda r: f"{models[r]['kv_bytes_per_token_arithmetic']:,.0f}"),
@@ -58,6 +58,10 @@ def _ratio(c: dict, windows: int) -> str:
     return f"{c['ratio']:.4f} (95% CI {c['ci_low']:.4f}-{c['ci_high']:.4f}, {real})"
 
 
+def check_lines(report: dict) -> list[str]:
+    return [line for check in CHECKS for line in check.markdown_lines(report)]
+
+
 def _verdict_word(report: dict) -> str:
     return "PASS" if report["verdict"]["pass"] else "FAIL"
 
@@ -70,8 +74,7 @@ def render_console(report: dict) -> None:
     for label, cells in model_rows(report):
         table.add_row(label, *cells)
     console.print(table)
-    for line in (comparison_lines(report) + behaviour.markdown_lines(report) + tasks.markdown_lines(report)
-                 + passkey.markdown_lines(report)):
+    for line in comparison_lines(report) + check_lines(report):
         console.print(line, highlight=False)
     colour = "green" if report["verdict"]["pass"] else "red"
     console.print(f"[bold {colour}]{_verdict_word(report)}[/] (exit {report['verdict']['exit_code']}): "
@@ -90,7 +93,7 @@ def render_markdown(report: dict) -> str:
              "| | " + " | ".join(roles) + " |", "|---|" + "---:|" * len(roles)]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in model_rows(report)]
     lines += ["", *[f"- {line}" for line in comparison_lines(report)], ""]
-    lines += behaviour.markdown_lines(report) + tasks.markdown_lines(report) + passkey.markdown_lines(report)
+    lines += check_lines(report)
     lines += ["Models:", ""]
     lines += [f"- {role}: `{report['models'][role]['path']}`" for role in roles]
     return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ from common.console import console
 from common.data import read_text
 from common.errors import UserError
 from common.options import flag_name, shown
-from common.outputs import check_output_path, check_outside_inputs, user_os_errors
+from common.outputs import check_output_path, check_outside_inputs
 from common.sources import (
     OOD_TEXT,
     check_fits,
@@ -36,8 +36,10 @@ from common.sources import (
     resolve_model_path,
 )
 
-from . import behaviour, passkey, tasks
+from . import passkey, tasks
 from .bootstrap import ratio_interval
+from .check import Check
+from .checks import CHECKS
 from .kvcache import kv_bytes_per_token, measure_decode
 from .options import DEFAULT_CONTEXT, DEFAULT_DECODE, ValidateOptions
 from .perplexity import WindowScores, score_windows
@@ -169,11 +171,9 @@ def check_same_tokens(paths: dict[str, Path], texts, opts: ValidateOptions, sour
     return token_sets
 
 
-def evaluate_model(role: str, path: Path, token_sets, opts: ValidateOptions, tokenizer=None, prompts=None,
-                   task_set=None, behaviour_check: behaviour.Check | None = None) -> dict:
-    """Load one model (only one is in memory at a time), score every text, measure its KV cache and speed;
-    the passkey prompts, lm-eval tasks and behaviour check, when given, with the source's tokenizer (checked
-    equal to its own)."""
+def evaluate_model(role: str, path: Path, token_sets, opts: ValidateOptions, checks: list[Check]) -> dict:
+    """Load one model (only one is in memory at a time), score every text, measure its KV cache and speed,
+    and run the checks asked for (with the source's tokenizer, checked equal to its own)."""
     model = load_causal_lm(path, attn_implementation="sdpa")
     top_id = max(int(ids.max()) for _, ids in token_sets)
     if top_id >= model.config.vocab_size:
@@ -189,12 +189,8 @@ def evaluate_model(role: str, path: Path, token_sets, opts: ValidateOptions, tok
         "kv_bytes_per_token_arithmetic": kv_bytes_per_token(model.config, model.dtype.itemsize),
         "kv_bytes_per_token_measured": decode[-1]["kv_bytes_per_token"],
     }
-    if prompts:
-        result["passkey"] = passkey.evaluate(model, tokenizer, prompts, f"{role} passkey")
-    if task_set:
-        result["tasks"] = tasks.evaluate(model, tokenizer, task_set)
-    if behaviour_check:
-        result["behaviour"] = behaviour_check.evaluate(model, role)
+    for check in checks:
+        result[check.name] = check.evaluate(model, role)
     del model
     gc.collect()
     return result
@@ -240,30 +236,20 @@ def build_report(opts: ValidateOptions, token_sets, results: dict[str, dict]) ->
     source_kv = results["source"]["kv_bytes_per_token_measured"]
     models = {}
     for role, res in results.items():
-        models[role] = {k: v for k, v in res.items() if k not in ("scores", "passkey", "tasks", "behaviour")}
+        models[role] = {k: v for k, v in res.items() if k not in ("scores", *(check.name for check in CHECKS))}
         models[role]["kv_saving_vs_source"] = 1 - res["kv_bytes_per_token_measured"] / source_kv
     passed = all(text["comparison"]["pass"] for text in texts)
     summary = ", ".join(f"{t['name']} " + ("diverged" if t["comparison"]["diverged"] else
                                            f"ratio {t['comparison']['ratio']:.4f}") for t in texts)
     rule = verdict_rule(reference, opts.tolerance)
     extra = {}
-    if "tasks" in results["candidate"]:
-        extra["tasks"] = tasks.compare({r: res["tasks"] for r, res in results.items()}, reference,
-                                       opts.max_accuracy_drop)
-        if opts.max_accuracy_drop is not None:
-            passed = passed and tasks.passed(extra["tasks"])
-            summary += "; " + tasks.summary(extra["tasks"])
-            rule += (f" And on every task, candidate accuracy >= {reference} accuracy - {opts.max_accuracy_drop:g} "
-                     "(point estimate, same examples).")
-    if "passkey" in results["candidate"]:
-        extra["passkey"] = passkey.table({r: res["passkey"] for r, res in results.items()})
-    if "behaviour" in results["candidate"]:
-        extra["behaviour"] = behaviour.table({r: res["behaviour"] for r, res in results.items()}, opts.min_agreement)
-        if opts.min_agreement is not None:
-            passed = passed and extra["behaviour"]["pass"]
-            summary += "; " + behaviour.summary(extra["behaviour"])
-            rule += (f" And the candidate's greedy next-token agreement with the source on the behaviour prompts "
-                     f">= {opts.min_agreement:g}.")
+    for check in CHECKS:
+        if check.name not in results["candidate"]:
+            continue
+        extra[check.name] = check.section({r: res[check.name] for r, res in results.items()}, reference, opts)
+        vote = check.vote(extra[check.name], reference, opts)
+        if vote is not None:
+            passed, summary, rule = passed and vote.passed, f"{summary}; {vote.summary}", f"{rule} {vote.rule}"
     return {
         "verdict": {
             "pass": passed, "exit_code": 0 if passed else 1, "reference": reference,
@@ -300,22 +286,18 @@ def run(opts: ValidateOptions) -> Report:
     """Score source, control and candidate on the same tokens; write and print the report."""
     paths, opts = check_args(opts)
     out = report_folder(opts, paths)
-    task_set = tasks.load_tasks(opts)  # unknown tasks and unreachable data fail first: the likeliest mistakes
-    texts = held_out_texts(opts)
     tokenizer = load_tokenizer(paths["source"])
+    # before the texts: unknown tasks and unreachable task data are the likeliest mistakes
+    checks = [made for check in CHECKS if (made := check.prepare(opts, tokenizer, paths)) is not None]
+    texts = held_out_texts(opts)
     token_sets = check_same_tokens(paths, texts, opts, tokenizer)
-    chosen = passkey.settings(opts)
-    prompts = passkey.build_prompts(tokenizer, *chosen, opts.seed) if chosen else None
-    behaviour_check = behaviour.prepare(opts, tokenizer, paths)
     torch.manual_seed(opts.seed)
     # in paths' order: the source first, whose behaviour answers the later models are scored on
-    results = {role: evaluate_model(role, path, token_sets, opts, tokenizer, prompts, task_set, behaviour_check)
-               for role, path in paths.items()}
+    results = {role: evaluate_model(role, path, token_sets, opts, checks) for role, path in paths.items()}
     report = build_report(opts, token_sets, results)
     write_report(report, out)
-    if "passkey" in report:
-        with user_os_errors(out):
-            passkey.plot(report["passkey"], out / "passkey.png", f"passkey retrieval: {out.name}")
+    for check in checks:
+        check.write_files(report[check.name], out)
     render_console(report)
     console.print(f"report: {out / 'report.md'}")
     return Report(report, out)

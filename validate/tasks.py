@@ -22,6 +22,8 @@ from common.console import console
 from common.data import hub_reachable
 from common.errors import UserError
 
+from . import check
+
 if TYPE_CHECKING:
     from .options import ValidateOptions
 
@@ -175,17 +177,6 @@ def compare(scores: dict[str, dict], reference: str, max_drop: float | None) -> 
     return entries
 
 
-def passed(entries: list[dict]) -> bool:
-    """False only when a judged task dropped too far (no --max-accuracy-drop: nothing is judged)."""
-    return all(entry["pass"] is not False for entry in entries)
-
-
-def summary(entries: list[dict]) -> str:
-    failed = [f"{e['task']} {e['metric']} {100 * e['difference']['value']:+.1f} pts" for e in entries
-              if e["pass"] is False]
-    return "tasks: " + (", ".join(failed) if failed else "within the accuracy drop")
-
-
 def markdown_lines(report: dict) -> list[str]:
     """The tasks table: accuracy per model, candidate - reference with its paired stderr."""
     entries = report.get("tasks")
@@ -211,3 +202,36 @@ def markdown_lines(report: dict) -> list[str]:
 
 def _se(value: float | None, scale: float = 1.0) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{scale * value:.{2 if scale > 1 else 4}f}"
+
+
+class Tasks(check.Check):
+    """lm-eval tasks as a check of validate: every model on the same loaded tasks, with the source's tokenizer."""
+    name = "tasks"
+
+    def __init__(self, task_set: TaskSet, tokenizer):
+        self.task_set, self.tokenizer = task_set, tokenizer
+
+    @classmethod
+    def prepare(cls, opts: ValidateOptions, tokenizer, paths: dict[str, Path]) -> Tasks | None:
+        task_set = load_tasks(opts)
+        return None if task_set is None else cls(task_set, tokenizer)
+
+    def evaluate(self, model, role: str) -> dict:
+        return evaluate(model, self.tokenizer, self.task_set)
+
+    @staticmethod
+    def section(results: dict[str, dict], reference: str, opts: ValidateOptions) -> list[dict]:
+        return compare(results, reference, opts.max_accuracy_drop)
+
+    @staticmethod
+    def vote(section: list[dict], reference: str, opts: ValidateOptions) -> check.Vote | None:
+        """Judged with --max-accuracy-drop only: a fail when a task dropped further."""
+        if opts.max_accuracy_drop is None:
+            return None
+        failed = [f"{e['task']} {e['metric']} {100 * e['difference']['value']:+.1f} pts" for e in section
+                  if e["pass"] is False]
+        return check.Vote(not failed, "tasks: " + (", ".join(failed) if failed else "within the accuracy drop"),
+                          f"And on every task, candidate accuracy >= {reference} accuracy - {opts.max_accuracy_drop:g} "
+                          "(point estimate, same examples).")
+
+    markdown_lines = staticmethod(markdown_lines)
