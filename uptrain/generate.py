@@ -157,7 +157,7 @@ def run(options: GenerateOptions) -> Generated:
     partial = out.with_name(out.name + ".partial")
     with user_os_errors(out), made_folder(out.parent):
         try:
-            new_tokens = _generate(options, model, tokenizer, prompts, partial, device, pad)
+            new_tokens = _generate(options, model, tokenizer, prompts, partial)
             os.replace(partial, out)
         except Exception as err:
             if user_os_error(err):  # a full disk or a folder that cannot be written: nothing half-written is kept
@@ -167,8 +167,9 @@ def run(options: GenerateOptions) -> Generated:
     return Generated(out, options.samples, new_tokens)
 
 
-def _generate(options: GenerateOptions, model, tokenizer, prompts, partial: Path, device: str, pad: int) -> int:
-    """Every batch not yet in partial, appended to it; returns the new tokens written."""
+def _generate(options: GenerateOptions, model, tokenizer, prompts, partial: Path) -> int:
+    """Every batch not yet in partial, appended to it (on the model's device, padded with the tokenizer's
+    pad token, which run() sets); returns the new tokens written."""
     import torch
 
     batches = -(-options.samples // options.batch)
@@ -185,9 +186,9 @@ def _generate(options: GenerateOptions, model, tokenizer, prompts, partial: Path
             ids, mask = start_ids(tokenizer, prompts, first, count, generator)
             torch.manual_seed(options.seed * 1_000_003 + b)  # generate() samples with the global generator
             with torch.no_grad():
-                sampled = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                         temperature=options.temperature, top_k=0, max_new_tokens=options.tokens,
-                                         pad_token_id=pad)
+                sampled = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                         do_sample=True, temperature=options.temperature, top_k=0,
+                                         max_new_tokens=options.tokens, pad_token_id=tokenizer.pad_token_id)
             texts, kept = texts_of(tokenizer, sampled.cpu(), mask, ids.shape[1])
             new_tokens += kept
             fh.write("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts))
