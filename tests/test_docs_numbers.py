@@ -161,6 +161,9 @@ def check(page: Path) -> tuple[int, list[str]]:
                               f"{match.group(1)} has {expr} = {value:.6g}")
     for match in INLINE_MARKER.finditer(text):
         where = f"{name(page)}:{text.count(chr(10), 0, match.start()) + 1}"
+        if not text[text.rfind("\n", 0, match.start()) + 1:match.start()].strip():
+            errors.append(f"{where}: a marker inside a sentence must not start its line (Markdown would "
+                          "make the line an HTML block and show it raw)")
         written = NUMBER.search(match.group(3))
         try:
             value = evaluate(load(match.group(1), page), match.group(2))
@@ -245,6 +248,11 @@ def test_a_marker_that_matches_nothing_fails(tmp_path, spec, why):
     body = f"<!-- numbers from R.JSON\n{spec}\n-->\n| model | ppl |\n|---|---:|\n| fused | 59.8 |\n"
     checked, errors = check(page_with(tmp_path, body))
     assert len(errors) == 1 and why in errors[0], errors
+
+
+def test_an_inline_marker_that_starts_a_line_fails(tmp_path):
+    checked, errors = check(page_with(tmp_path, "perplexity\n  <!-- R.JSON: results.a.ppl -->59.8 at step 0"))
+    assert len(errors) == 1 and "must not start its line" in errors[0]
 
 
 def test_a_missing_result_file_fails(tmp_path):
