@@ -69,7 +69,7 @@ bench-quality: venv
 bench-gpu:
 	PY=$(if $(wildcard $(PY)),$(PY),python3) bash bench/gpu_suite.sh
 
-# What the GPU machine lacks, for bench/device_check.sh (README "Checking on a GPU"): the shared wheels but gguf
+# What the GPU machine lacks, for bench/device_check.sh (docs/gpu.md, "Checking on a GPU"): the shared wheels but gguf
 # (no step of the check reads a GGUF) copied into .whl/, which git ignores and the device tool carries, with the
 # commit they go with (the copy on the GPU machine has no .git).
 DEVICE_WHEELS ?= ../shared/wheels/gpu-py312

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check, one call of the GPU machine (issue 31; README "Checking on a GPU" has the exact call).
+# One GPU check, one call of the GPU machine (issue 31; docs/gpu.md, "Checking on a GPU", has the exact call).
 # From the project root, with the wheels the machine lacks carried in .whl/ (make device-wheels):
 #
 #     bash bench/device_check.sh            # on the GPU machine: ends by itself within DEADLINE (530) s

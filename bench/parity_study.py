@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import fcntl
 import json
 import math
 import multiprocessing
@@ -438,9 +439,16 @@ def results_path() -> Path:
 
 def record(shape_name: str, kind: str, name: str, result: dict) -> None:
     """Put one finished arm's result in the results file (rewritten whole, atomically)."""
+    path = results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_suffix(".lock").open("w") as lock:  # two runners (other --arms) may finish at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_result(path, shape_name, kind, name, result)
+
+
+def write_result(path: Path, shape_name: str, kind: str, name: str, result: dict) -> None:
     from bench.machine import machine_info
 
-    path = results_path()
     results = json.loads(path.read_text()) if path.is_file() else {"shapes": {}}
     shape = results["shapes"].setdefault(shape_name, {})
     manifest = manifest_of(shape_name)
@@ -449,7 +457,6 @@ def record(shape_name: str, kind: str, name: str, result: dict) -> None:
     shape.setdefault(kind, {})[name] = {**result, "machine": machine_info(), "finished": time.strftime("%Y-%m-%d %H:%M")}
     results["command"] = "python bench/parity_study.py"
     tmp = path.with_suffix(".partial")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.rename(path)
 

@@ -4,7 +4,7 @@ Converts the embedded model to each layout with each initialization (kept under 
 reused), and asks every model for the same keys at the same lengths and depths
 (validate/passkey.py). Once a model retrieves no key at a length, its longer lengths are not run
 (reported as null): on 2 CPU cores an 8k prompt takes minutes. Writes bench/results/passkey_cpu.json
-and prints the README table.
+and prints the table in docs/results.md.
 
     python bench/passkey.py --set calib_tokens=2048 --set reconstruct_steps=20
 """

@@ -65,7 +65,7 @@ def calibration_ids(source_path: Path, opts: ConvertOptions) -> torch.Tensor:
         text = path.read_text(encoding="utf-8")[: opts.calib_tokens * 16]  # plenty of characters, not a whole corpus
     except UnicodeDecodeError as err:
         raise UserError(f"calibration text {path} is not UTF-8 text (at byte {err.start}); save it as UTF-8") from err
-    ids = load_tokenizer(source_path)(text)["input_ids"]
+    ids = load_tokenizer(source_path)(text, verbose=False)["input_ids"]  # whole text, cut below: no length warning
     n = min(opts.calib_tokens, len(ids))
     if n < MIN_CALIB_TOKENS:  # --calib-tokens itself is at least this (options.py): the text is too short
         raise UserError(f"calibration text {path} has only {len(ids)} tokens; give at least {MIN_CALIB_TOKENS}")

@@ -149,7 +149,8 @@ def _token_dtype(tokenizer) -> np.dtype:
 def _encoder(tokenizer, field: str, eos: int):
     def encode(batch: dict) -> dict:
         texts = [t for t in batch[field] if t and t.strip()]
-        return {"ids": [ids + [eos] for ids in tokenizer(texts)["input_ids"]]}
+        # verbose=False: documents longer than model_max_length are packed into windows later
+        return {"ids": [ids + [eos] for ids in tokenizer(texts, verbose=False)["input_ids"]]}
 
     return encode
 

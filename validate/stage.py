@@ -146,7 +146,8 @@ def tokenized_texts(texts: list[tuple[str, str]], opts: ValidateOptions, tokeniz
     tokenizer = tokenizer or load_tokenizer(resolve_model_path(opts.source))
     token_sets = []
     for name, text in texts:
-        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+        # verbose=False: a whole text, windowed below, is longer than model_max_length by design
+        ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
         ids = ids[: opts.max_tokens] if opts.max_tokens else ids
         if len(ids) < 2:
             raise UserError(f"held-out text {name} has fewer than 2 tokens")

@@ -1,0 +1,49 @@
+"""The parity study's bookkeeping: which control an arm is judged against, and results appended by
+runners that finish at the same moment (each its own process, as `--arms` runs side by side do)."""
+import json
+import multiprocessing
+import os
+import re
+
+import pytest
+
+from bench import parity_study
+from bench.parity_study import parse_arm
+
+
+def test_a_variant_that_changes_the_schedule_changes_the_control_too():
+    arm = parse_arm("fusedkv-reconstruct+lr1x")
+    assert (arm.layout, arm.init, arm.control) == ("fusedkv", "reconstruct", "control+lr1x")
+    assert arm.recipe == {"lr_share_of_pretraining": 1.0}
+    kd = parse_arm("skipv1-copy+kd")  # a loss is the candidate's own: judged against the plain control
+    assert kd.control == "control" and kd.recipe == {"loss": "lm+kd"}
+    assert parse_arm("control+lr1x").control == "control+lr1x"
+
+
+@pytest.mark.parametrize("name", ["fusedkv-copy+fast", "fusedkv-bogus", "mla-copy"])
+def test_an_unknown_arm_is_refused_in_one_line(name):
+    with pytest.raises(SystemExit, match=re.escape(f"unknown arm {name!r}: control or <layout>-<init>")):
+        parse_arm(name)
+
+
+def record_many(results: str, prefix: str, n: int) -> None:
+    os.environ["PARITY_RESULTS"] = results
+    import importlib
+
+    study = importlib.reload(parity_study)  # RESULTS is read at import, as in every arm's process
+    for i in range(n):
+        study.record("mha", "arms", f"{prefix}{i}", {"points": [], "i": i})
+
+
+def test_runners_that_finish_together_lose_no_result(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    runners = [context.Process(target=record_many, args=(str(tmp_path), prefix, 15)) for prefix in "ab"]
+    for runner in runners:
+        runner.start()
+    for runner in runners:
+        runner.join(120)
+        assert runner.exitcode == 0
+    (path,) = tmp_path.glob("parity_study_*.json")
+    arms = json.loads(path.read_text())["shapes"]["mha"]["arms"]
+    assert sorted(arms) == sorted(f"{p}{i}" for p in "ab" for i in range(15))
+    assert not list(tmp_path.glob("*.partial"))
