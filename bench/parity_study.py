@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 SOURCES = ROOT / "data" / "mini-sources"  # the committed, pretrained CPU shapes
 # Set by --work and --results; environment variables, so that every spawned arm process sees them.

@@ -11,8 +11,6 @@ from tests.conftest import WITHOUT_PROJECT
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = re.search(r"'common'.*'demo'", WITHOUT_PROJECT).group(0).replace("'", "").split(", ")
-# bench/parity_study.py (issue 30) still inserts the checkout into sys.path itself, until its merge
-NOT_YET = {"bench/parity_study.py"}
 
 
 def test_kvshare_is_run_py():
@@ -28,6 +26,6 @@ def test_every_package_imports_from_outside_the_checkout(tmp_path):
 
 def test_no_script_edits_sys_path():
     tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    offenders = [name for name in tracked if name not in NOT_YET
-                 and re.search(r"sys\.path\.(insert|append)|noqa:\sE402", (ROOT / name).read_text())]
+    offenders = [name for name in tracked
+                 if re.search(r"sys\.path\.(insert|append)|noqa:\sE402", (ROOT / name).read_text())]
     assert offenders == [] and tracked
