@@ -420,6 +420,22 @@ def train_scratch(shape_name: str, layout: str) -> str:
     return layout
 
 
+def record_scratch_progress(shape_name: str) -> None:
+    """A from-scratch twin still training: its held-out perplexity so far beside the source's own
+    pretraining at the same steps (the same eval set), so that the results show how it is going."""
+    done = recorded(shape_name, "scratch")
+    for metrics in sorted((work_dir(shape_name) / "scratch").glob("*/run/metrics.jsonl")):
+        layout = metrics.parent.parent.name
+        if layout in done or not (source_dir(shape_name) / "pretraining.json").is_file():
+            continue
+        source = dict(manifest_of(shape_name)["eval_curve"])
+        curve = [(r["step"], r["eval_ppl"]) for r in map(json.loads, metrics.read_text().splitlines())
+                 if "eval_ppl" in r and r["step"] in source]
+        record(shape_name, "scratch_progress", layout, {
+            "steps_of": manifest_of(shape_name)["steps"],
+            "points": [{"step": step, "ppl": ppl, "source_ppl": source[step]} for step, ppl in curve]})
+
+
 def evaluate_scratch(shape_name: str, layout: str) -> dict:
     folder = work_dir(shape_name) / "scratch" / layout
     records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -544,6 +560,8 @@ def main() -> None:
     if args.stage in ("all", "report"):
         from bench import parity_report
 
+        for shape in shapes:
+            record_scratch_progress(shape)
         parity_report.main(results_path())
 
 

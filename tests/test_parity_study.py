@@ -47,3 +47,26 @@ def test_runners_that_finish_together_lose_no_result(tmp_path):
     arms = json.loads(path.read_text())["shapes"]["mha"]["arms"]
     assert sorted(arms) == sorted(f"{p}{i}" for p in "ab" for i in range(15))
     assert not list(tmp_path.glob("*.partial"))
+
+
+def scratch_progress(work: str, results: str) -> dict:
+    os.environ.update(PARITY_WORK=work, PARITY_RESULTS=results)
+    import importlib
+
+    study = importlib.reload(parity_study)
+    study.record_scratch_progress("mha")
+    return json.loads(study.results_path().read_text())["shapes"]["mha"]["scratch_progress"]
+
+
+def test_a_scratch_twin_still_training_is_shown_beside_the_source_at_the_same_steps(tmp_path):
+    metrics = tmp_path / "work" / "mha" / "scratch" / "fusedkv" / "run" / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    lines = [{"step": 0, "eval_ppl": 4000.0}, {"step": 10, "loss": 5.0}, {"step": 156, "eval_ppl": 120.0},
+             {"step": 157, "eval_ppl": 119.0}]  # step 157: no source point to stand beside
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # RESULTS and WORK are read at import
+        progress = pool.apply(scratch_progress, (str(tmp_path / "work"), str(tmp_path)))
+    source = dict(json.loads((parity_study.SOURCES / "mha" / "pretraining.json").read_text())["eval_curve"])
+    assert progress["fusedkv"]["points"] == [{"step": 0, "ppl": 4000.0, "source_ppl": source[0]},
+                                             {"step": 156, "ppl": 120.0, "source_ppl": source[156]}]
+    assert progress["fusedkv"]["steps_of"] == 3124
