@@ -275,7 +275,7 @@ def plot_quality_per_compute(out: Path, layouts: list[str], args) -> None:
 MINI_SOURCE = ROOT / "data" / "mini-sources" / "mha"
 MINI_RECIPE = ROOT / "configs" / "uptrain-mini.yaml"
 # 1% of the source's pretraining tokens (32 steps): under a minute on two cores, so that part one
-# and SmolLM2 fit ten minutes. Not parity: FusedKV is about 1.9x its control here, and the study
+# and SmolLM2 fit ten minutes. Not parity: FusedKV is about 1.8x its control here, and the study
 # (docs/parity.md) has it at 1.24x after 15%.
 MINI_SHARE = 0.01
 CODE_PROMPTS = ("def fibonacci(n):\n", "import os\n\n\ndef python_files(folder):\n",
