@@ -110,11 +110,12 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shapes = list(results["shapes"])
+    every_layout = sorted({a["layout"] for s in results["shapes"].values() for a in s.get("arms", {}).values() if a["layout"]})
+    colours = {layout: f"C{i}" for i, layout in enumerate(every_layout)}  # one colour per layout in every panel
     fig, axes = plt.subplots(len(shapes), 2, figsize=(13, 5 * len(shapes)), squeeze=False)
     for row, shape in enumerate(shapes):
         arms = results["shapes"][shape].get("arms", {})
         layouts = sorted({arm["layout"] for arm in arms.values() if arm["layout"]})
-        colours = {layout: f"C{i}" for i, layout in enumerate(layouts)}
         best = {layout: min((n for n, a in arms.items() if a["layout"] == layout),
                             key=lambda n: arms[n]["points"][-1]["texts"]["code"]["vs_source"]["ratio"]) for layout in layouts}
         for col, (text, title) in enumerate((("code", "held-out code (in domain)"),
