@@ -120,15 +120,24 @@ def uptrain_step(model: Path | None, run: Path, args: argparse.Namespace) -> Pat
         "out": str(run), "budget": {"steps": args.steps}, "eval_every": max(1, args.steps // 2),
         "save_every": args.steps, "eval_tokens": 2 * args.max_tokens, "model": str(trained),
         "source": args.source, "control_arm": model is None})
-    same = started_with(folder.path, recipe) and not args.force  # another --steps or --source starts again
-    if same and folder.finished:
-        return folder.final
     # Only the last step saves a checkpoint (each would write 1.6 GB of optimizer state, seconds on a
     # few minutes' run): a run killed before it starts again, one killed while exporting resumes.
-    resume = same and folder.has_checkpoint
-    if not resume:
-        shutil.rmtree(folder.path, ignore_errors=True)
+    resume = resume_or_reset(folder, recipe, args.force)
+    if resume is None:
+        return folder.final
     return staged("uptrain", recipe, FLAGS, config, resume=resume).final
+
+
+def resume_or_reset(folder: RunFolder, recipe: Recipe, force: bool) -> bool | None:
+    """None when folder holds this recipe's finished run; else whether to resume it (same recipe, a
+    checkpoint), the folder emptied when not (another --steps or --source, or --force, starts again)."""
+    same = started_with(folder.path, recipe) and not force
+    if same and folder.finished:
+        return None
+    if not (same and folder.has_checkpoint):
+        shutil.rmtree(folder.path, ignore_errors=True)
+        return False
+    return True
 
 
 def started_with(run_dir: Path, recipe: Recipe) -> bool:
@@ -327,15 +336,12 @@ def uptrain_in_parallel(recipes: dict[str, Recipe], args: argparse.Namespace) ->
 
     todo = {}
     for name, recipe in recipes.items():
-        folder = RunFolder(recipe.out)
-        same = started_with(folder.path, recipe) and not args.force
-        if same and folder.finished:
+        resume = resume_or_reset(RunFolder(recipe.out), recipe, args.force)
+        if resume is None:
             continue
-        if not same:
-            shutil.rmtree(folder.path, ignore_errors=True)
         console.print(f"[bold]$ {command_line('uptrain', recipe, FLAGS, os.path.relpath(MINI_RECIPE))}[/]",
                       highlight=False, soft_wrap=True)
-        todo[name] = (recipe, same and folder.has_checkpoint)
+        todo[name] = (recipe, resume)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
