@@ -3,10 +3,11 @@
 Every layout is built from the source config with the same weights where shapes allow (the
 values do not change speed or memory), prefilled with a random prompt in chunks (so transient
 activations stay small next to the cache) and decoded greedily. Ratios are against the source
-measured in the same run. The "fits" numbers are the user-facing win of a smaller cache: how many
-cached tokens a fixed KV budget holds (arithmetic), and on a GPU the largest batch at a fixed
-context whose whole run (weights, cache, activations) stays under a memory budget (measured), with
-the decode throughput at that batch.
+measured in the same run. The decode loop and its timing (the median step) are validate's
+(validate/kvcache.py), so the two report the same speed for a model. The "fits" numbers are the
+user-facing win of a smaller cache: how many cached tokens a fixed KV budget holds (arithmetic),
+and on a GPU the largest batch at a fixed context whose whole run (weights, cache, activations)
+stays under a memory budget (measured), with the decode throughput at that batch.
 
     python bench/decode.py                                   # CPU: SmolLM2-135M, contexts 1k and 4k
     python bench/decode.py --model random --device cuda --dtype bfloat16 --contexts 1024,4096,16384
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from bench.variants import split_variants, with_variants
 from common.sources import load_causal_lm
 from models import LAYOUTS, SharedKVForCausalLM
 from models.source_layout import shared_kv_config
-from validate.kvcache import kv_bytes_per_token, kv_cache_bytes
+from validate.kvcache import decode, kv_bytes_per_token, kv_cache_bytes
 
 
 def layout_model(source, layout: str):
@@ -49,46 +49,26 @@ def layout_model(source, layout: str):
     return with_variants(model, variants)
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-@torch.inference_mode()
 def decode_run(model, context: int, new_tokens: int, device: str, batch: int = 1, chunk: int = 512) -> dict:
-    """Chunked prefill of ``batch`` random prompts, one untimed decode step, ``new_tokens`` timed ones."""
+    """Chunked prefill of ``batch`` random prompts and greedy decoding (validate's decode loop):
+    speeds, the cache's bytes, and on a GPU the run's peak memory."""
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    cache = None
-    for begin in range(0, context, chunk):
-        out = model(ids[:, begin : begin + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-    sync(device)
-    prefill_s = time.perf_counter() - start
-    token = out.logits[:, -1:].argmax(-1)
-    token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # warm-up step
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    sync(device)
-    decode_s = time.perf_counter() - start
-    cached = cache.get_seq_length()
+    run = decode(model, ids, new_tokens, chunk=chunk)
+    cache_bytes = kv_cache_bytes(run.cache)
     result = {
         "context": context,
         "batch": batch,
-        "prefill_tokens_per_s": batch * context / prefill_s,
-        "decode_tokens_per_s": batch * new_tokens / decode_s,
-        "decode_ms_per_step": 1000 * decode_s / new_tokens,
-        "kv_cache_bytes": kv_cache_bytes(cache),
-        "kv_bytes_per_token_measured": kv_cache_bytes(cache) / (batch * cached),
+        "prefill_tokens_per_s": batch * context / run.prefill_s,
+        "decode_tokens_per_s": batch / run.step_median_s,
+        "decode_ms_per_step": 1000 * run.step_median_s,
+        "kv_cache_bytes": cache_bytes,
+        "kv_bytes_per_token_measured": cache_bytes / (batch * run.cache.get_seq_length()),
     }
     if device == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    del cache, out
     return result
 
 

@@ -137,14 +137,25 @@ CONVERTERS = {int: as_int, float: as_float, bool: as_bool, str: as_str,
               tuple[int, ...]: as_ints, tuple[str, ...]: as_strs}
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The numbers an option takes (every item of a list of numbers): any of the four bounds."""
+
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+
+    def bounds(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 def option(default: Any = None, help: str = "", choices: Sequence | None = None, factory=None,
-           at_least: float | None = None, above: float | None = None, at_most: float | None = None,
-           below: float | None = None) -> Any:
+           within: Range | None = None) -> Any:
     """A dataclass field that is an option: its default, its help text and, if fixed, its choices or
-    the range of its numbers (every item of a list of numbers)."""
-    bounds = {k: v for k, v in (("at_least", at_least), ("above", above), ("at_most", at_most), ("below", below))
-              if v is not None}
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "bounds": bounds}
+    the range of its numbers."""
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None,
+                "bounds": within.bounds() if within else {}}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.errors import UserError
-from common.options import SEEDS, option, shard_size
+from common.options import SEEDS, Range, option, shard_size
 from models import LAYOUTS
 
 INITS = ("copy", "calibrated", "reconstruct")
@@ -26,25 +26,25 @@ class ConvertOptions:
     init: str = option("copy", "initialization of what the layout changes", choices=INITS)
     skipv1_init: str = option("mean", "SkipV1 own value heads: mean with their partner, or as they are",
                               choices=("mean", "first"))
-    skipv1_own_heads: int | None = option(None, "SkipV1 own value heads per layer (none: kv_heads // 2)", at_least=0)
+    skipv1_own_heads: int | None = option(None, "SkipV1 own value heads per layer (none: kv_heads // 2)", within=Range(at_least=0))
     skipv1_heads: str = option("first", "SkipV1 own heads: the first ones, or chosen by calibration",
                                choices=("first", "auto"))
-    storage_layers: int | None = option(None, "FusedKV layers that store K/V (none: ceil(layers / 2))", at_least=1)
-    commonkv_ratio: float = option(0.5, "CommonKV cached bytes / the source's", above=0, at_most=1)
+    storage_layers: int | None = option(None, "FusedKV layers that store K/V (none: ceil(layers / 2))", within=Range(at_least=1))
+    commonkv_ratio: float = option(0.5, "CommonKV cached bytes / the source's", within=Range(above=0, at_most=1))
     commonkv_group_size: int | None = option(None, "CommonKV adjacent layers per shared latent (none: floor(1 / ratio))",
-                                             at_least=1)
+                                             within=Range(at_least=1))
     commonkv_rank_split: str = option("adaptive", "CommonKV ranks: from hidden-state similarity on calibration text, "
                                   "or equal per layer", choices=("adaptive", "uniform"))
     calib_text: str | None = option(None, "calibration text (none: the shipped WikiText-2 validation split)")
-    calib_tokens: int = option(16384, "calibration tokens (the whole text when it holds fewer)", at_least=MIN_CALIB_TOKENS)
+    calib_tokens: int = option(16384, "calibration tokens (the whole text when it holds fewer)", within=Range(at_least=MIN_CALIB_TOKENS))
     reconstruct_steps: int = option(150, "Adam steps per layer for the reconstruct init (0: the calibrated fit)",
-                                    at_least=0)
+                                    within=Range(at_least=0))
     reconstruct_lr: float | None = option(None, "Adam learning rate for reconstruct (none: 1e-2; CommonKV 1e-3)",
-                                          above=0)
+                                          within=Range(above=0))
     reconstruct_mode: str | None = option(None, "reconstruct layers one after the other on the converted layers' "
                                           "outputs, or each on the source's (none: sequential; CommonKV independent)",
                                           choices=(None, "sequential", "independent"))
-    seed: int = option(0, "seed for reconstruct", at_least=0, below=SEEDS)
+    seed: int = option(0, "seed for reconstruct", within=Range(at_least=0, below=SEEDS))
     device: str = option("auto", "where calibration and reconstruct run (auto: a GPU if there is one)",
                          choices=("auto", "cpu", "cuda"))
     dtype: str | None = option(None, "output dtype (none: the source's)", choices=(None, "float32", "bfloat16", "float16"))

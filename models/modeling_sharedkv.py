@@ -19,6 +19,7 @@ This file is copied into every converted checkpoint, so it imports only torch an
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -75,6 +76,12 @@ class SharedKVAttention(nn.Module):
         self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=config.qkv_bias)
         self.q_norm = head_norm(config)
         self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=config.attention_bias)
+        # The K/V substitution hook: a module set here is called as
+        # kv_substitute(self, hidden_states, cos, sin, past_key_values, shared_kv) in place of
+        # keys_values and returns the keys and values this layer attends to (it may call keys_values
+        # itself and change what it returns). Progressive conversion blends a converted layer's source
+        # K/V in through it (uptrain/blend.py). None: the layout's own K/V.
+        self.kv_substitute: nn.Module | None = None
 
     def project(self, proj: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, seq, hidden) -> (batch, heads, seq, head_dim)."""
@@ -99,7 +106,8 @@ class SharedKVAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cos, sin = position_embeddings
         query_states = self.queries(hidden_states, cos, sin)
-        key_states, value_states = self.keys_values(hidden_states, cos, sin, past_key_values, shared_kv)
+        make_kv = self.keys_values if self.kv_substitute is None else partial(self.kv_substitute, self)
+        key_states, value_states = make_kv(hidden_states, cos, sin, past_key_values, shared_kv)
         attn_output, attn_weights = self.attention(query_states, key_states, value_states, attention_mask, **kwargs)
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(attn_output), attn_weights
@@ -176,7 +184,8 @@ class FusedAttention(SharedKVAttention):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                 shared_kv=None, **kwargs):
-        if past_key_values is not None and hidden_states.shape[1] == 1:  # one new token on a cache
+        # one new token on a cache, and no substitute that needs the fused K/V themselves
+        if past_key_values is not None and hidden_states.shape[1] == 1 and self.kv_substitute is None:
             return self.decode_step(hidden_states, position_embeddings, attention_mask, shared_kv)
         return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, shared_kv, **kwargs)
 

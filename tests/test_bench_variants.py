@@ -1,4 +1,5 @@
 """bench/variants.py: benchmark variants change the one model they are given, and compute the same logits."""
+import pytest
 import torch
 
 from bench import variants
@@ -30,4 +31,19 @@ def test_variants_change_only_their_model_and_decode_the_same(monkeypatch):
         logits, _ = incremental_logits(variant, ids, prefix=5)
     assert fused and not steps  # the variant fuses first, through the compiled fusion
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
-    assert {type(m) for m in plain.modules() if isinstance(m, FusedAttention)} == {FusedAttention}
+    assert all(m.kv_substitute is None for m in plain.modules() if isinstance(m, FusedAttention))
+
+
+def test_fuse_first_decodes_through_the_fused_kv_without_compiling(monkeypatch):
+    monkeypatch.setattr(variants, "compiled_fuse", lambda: pytest.fail("fuse_first alone compiles nothing"))
+    steps = []
+    original = FusedAttention.decode_step
+    monkeypatch.setattr(FusedAttention, "decode_step", lambda self, *a: steps.append(1) or original(self, *a))
+    plain = layout_model("fusedkv")
+    variant = with_variants(layout_model("fusedkv"), [FuseFirst])
+    variant.load_state_dict(plain.state_dict())  # the substitute adds no state
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        logits, _ = incremental_logits(variant, ids, prefix=5)
+        assert not steps
+        torch.testing.assert_close(logits, plain(ids).logits, atol=1e-5, rtol=0)

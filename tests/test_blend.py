@@ -9,6 +9,7 @@ from safetensors import safe_open
 from common.sources import load_causal_lm
 from uptrain import blend
 from uptrain.engine import optimizer_and_schedule
+from tests.test_models import incremental_logits
 from uptrain.recipe import load_recipe
 
 
@@ -37,10 +38,16 @@ def test_blend_starts_at_the_source_and_ends_at_the_layout(layout, make_source, 
         halfway = logits(model, ids)
         assert not torch.allclose(halfway, source_logits, atol=1e-3)
         assert not torch.allclose(halfway, layout_logits, atol=1e-3)
+        with torch.no_grad():  # the blend through the model's K/V hook stays right on a cache
+            torch.testing.assert_close(incremental_logits(model, ids, prefix=10)[0], halfway, atol=1e-5, rtol=0)
+            other = model(ids[:, :5], use_cache=True).past_key_values  # a prefill of another length
+            model(ids[:, :7], use_cache=True)
+            with pytest.raises(RuntimeError, match="cache its prefill started"):
+                model(ids[:, 5:6], past_key_values=other, use_cache=True)
         schedule.step = 4
         torch.testing.assert_close(logits(model, ids), layout_logits)
         blend.detach(model)
-    assert not any("source_kv" in name for name, _ in model.named_parameters())
+    assert not any("kv_substitute" in name for name, _ in model.named_parameters())
     torch.testing.assert_close(logits(model, ids), layout_logits)
 
 
@@ -112,8 +119,8 @@ def test_switch_gives_each_layer_all_or_nothing_drawn_reproducibly(make_source, 
 def test_source_projections_are_frozen_and_not_optimized(converted, make_source):
     model = load_causal_lm(converted).train()
     blend.attach(model, make_source(), blend.BlendSchedule(2))
-    frozen = {id(p) for name, p in model.named_parameters() if "source_kv" in name}
-    assert frozen and all(not p.requires_grad for name, p in model.named_parameters() if "source_kv" in name)
+    frozen = {id(p) for name, p in model.named_parameters() if "kv_substitute" in name}
+    assert frozen and all(not p.requires_grad for name, p in model.named_parameters() if "kv_substitute" in name)
     optimizer, _ = optimizer_and_schedule(model, load_recipe(None), total_steps=4)
     assert not frozen & {id(p) for group in optimizer.param_groups for p in group["params"]}
 

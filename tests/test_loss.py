@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from models import SharedKVConfig, SharedKVForCausalLM
-from uptrain.loss import chunked_losses, final_hidden_states
+from uptrain.loss import Teacher, chunked_losses, final_hidden_states
 
 VOCAB = 97
 
@@ -41,12 +41,8 @@ def assert_same_gradients(got: dict, expected: dict) -> None:
 
 
 def chunked(model, ids, chunk_tokens, teacher=None, temperature=2.0):
-    teacher_hidden = None
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_hidden = final_hidden_states(teacher, ids)
-    return chunked_losses(final_hidden_states(model, ids), model.get_output_embeddings(), ids, teacher_hidden,
-                          teacher.get_output_embeddings() if teacher is not None else None, temperature, chunk_tokens)
+    distill = Teacher.on(teacher, ids, temperature) if teacher is not None else None
+    return chunked_losses(final_hidden_states(model, ids), model.get_output_embeddings(), ids, distill, chunk_tokens)
 
 
 @pytest.mark.parametrize("layout", [None, "fusedkv"])

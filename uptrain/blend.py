@@ -20,8 +20,9 @@ reconstruct refits them to the layout's K/V, so with it t = 0 is not the source.
 the model is exactly the layout; the source projections are then unused and never exported
 (``detach`` takes them off before the export).
 
-The projections hang under each converted attention module as ``source_kv`` (a module, so ZeRO-3
-gathers them as it gathers any other, and DeepSpeed's checkpoints hold them for a resume).
+The projections hang under each converted attention module as its ``kv_substitute`` (the model's
+K/V substitution hook; a module, so ZeRO-3 gathers them as it gathers any other, and DeepSpeed's
+checkpoints hold them for a resume).
 """
 from __future__ import annotations
 
@@ -67,9 +68,10 @@ class BlendSchedule:
 
 
 class SourceKV(nn.Module):
-    """A converted layer's K/V as its source layer made them: post-RoPE keys and values."""
+    """A converted layer's K/V substitute (``kv_substitute``) while it blends: its source layer's
+    post-RoPE K/V, mixed with the layout's by the layer's share at this step."""
 
-    def __init__(self, attn: SharedKVAttention):
+    def __init__(self, attn: SharedKVAttention, schedule: BlendSchedule):
         super().__init__()
         config, width = attn.config, attn.num_kv_heads * attn.head_dim
         self.head_dim = attn.head_dim
@@ -77,14 +79,36 @@ class SourceKV(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, width, bias=config.qkv_bias)
         self.k_norm = head_norm(config)
         self.requires_grad_(False)
+        self.schedule = schedule
+        self.past: tuple[torch.Tensor, torch.Tensor] | None = None  # earlier tokens' source K/V, on a cache
 
-    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        keys = rope(self.k_norm(self.heads(self.k_proj(hidden_states))), cos, sin)
-        return keys, self.heads(self.v_proj(hidden_states))
+    def forward(self, attn: SharedKVAttention, hidden_states, cos, sin, past_key_values, shared_kv):
+        keys, values = attn.keys_values(hidden_states, cos, sin, past_key_values, shared_kv)
+        if isinstance(values, tuple):  # SkipV1 on a cache: its own and layer 0's value heads, in head order
+            values = torch.cat(values, dim=1)
+        share = self.schedule.share(attn.layer_idx)
+        if share >= 1.0:
+            return keys, values
+        new = hidden_states.shape[1]  # CommonKV's rotary tables cover every cached position: take the new ones
+        source_keys = rope(self.k_norm(self.heads(self.k_proj(hidden_states))), cos[:, -new:], sin[:, -new:])
+        source_values = self.heads(self.v_proj(hidden_states))
+        if past_key_values is not None:
+            source_keys, source_values = self.cached(source_keys, source_values, keys.shape[-2])
+        return torch.lerp(source_keys, keys, share), torch.lerp(source_values, values, share)
 
     def heads(self, states: torch.Tensor) -> torch.Tensor:
         """(batch, seq, kv_heads * head_dim) -> (batch, kv_heads, seq, head_dim)."""
         return states.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+    def cached(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new tokens' source K/V after the earlier ones': the layer caches nothing of the
+        source's, so its substitute keeps them, from the prefill (the whole length is new) on."""
+        if length > keys.shape[-2]:
+            if self.past is None or self.past[0].shape[-2] + keys.shape[-2] != length:
+                raise RuntimeError("a blending layer decodes only on the cache its prefill started")
+            keys, values = torch.cat((self.past[0], keys), dim=-2), torch.cat((self.past[1], values), dim=-2)
+        self.past = (keys, values)
+        return keys, values
 
 
 def converted_layers(model) -> list[SharedKVAttention]:
@@ -108,41 +132,23 @@ def attach(model, source: Path, schedule: BlendSchedule) -> int:
     root, extra = readable_location(source)  # a GGUF through its dequantized folder
     tensors = open_source(source if extra else Path(root))
     for attn in layers:
-        source_kv = SourceKV(attn)
+        source_kv = SourceKV(attn, schedule)
         for name, param in source_kv.named_parameters():
             key = attn_key(attn.layer_idx, name)
             if key not in tensors.shapes:
                 raise UserError(f"blend_steps needs the source's {key}, and {source} has none: "
                                 "set source to this checkpoint's source")
             param.data.copy_(tensors.get(key).view(param.shape))
-        attn.source_kv = source_kv.to(next(attn.parameters()).dtype)
-        attn.keys_values = blended(attn, schedule)
+        attn.kv_substitute = source_kv.to(next(attn.parameters()).dtype)
     return len(layers)
-
-
-def blended(attn: SharedKVAttention, schedule: BlendSchedule):
-    """attn's keys_values, mixed with its source K/V while t < 1."""
-    layout_keys_values = type(attn).keys_values.__get__(attn)
-
-    def keys_values(hidden_states, cos, sin, past_key_values, shared_kv):
-        keys, values = layout_keys_values(hidden_states, cos, sin, past_key_values, shared_kv)
-        t = schedule.share(attn.layer_idx)
-        if t >= 1.0:
-            return keys, values
-        source_keys, source_values = attn.source_kv(hidden_states, cos, sin)
-        return torch.lerp(source_keys, keys, t), torch.lerp(source_values, values, t)
-
-    return keys_values
 
 
 def layout_parameters(model) -> list[tuple[str, nn.Parameter]]:
     """The model's parameters without the blend's source projections: what an export holds."""
-    return [(name, p) for name, p in model.named_parameters() if ".source_kv." not in name]
+    return [(name, p) for name, p in model.named_parameters() if ".kv_substitute." not in name]
 
 
 def detach(model) -> None:
     """Back to the plain layout: the source projections and the blend taken off every layer."""
     for attn in converted_layers(model):
-        if "source_kv" in attn._modules:
-            del attn.source_kv
-            del attn.keys_values
+        attn.kv_substitute = None

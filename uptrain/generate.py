@@ -22,21 +22,21 @@ from pathlib import Path
 from common.console import console, progress
 from common.errors import UserError
 from common.outputs import check_output_path, check_outside_inputs, made_folder, user_os_error, user_os_errors
-from common.options import SEEDS, option
+from common.options import SEEDS, Range, option
 
 
 @dataclass
 class GenerateOptions:
     out: str | None = option(None, "the .jsonl file to write ({\"text\": ...} per line)")
     source: str | None = option(None, "the model that writes (none: the embedded SmolLM2-135M)")
-    samples: int = option(1000, "texts to write", at_least=1)
+    samples: int = option(1000, "texts to write", within=Range(at_least=1))
     tokens: int = option(256, "new tokens per text (fewer where the model ends it); with the prompt, at most the "
-                              "model's positions", at_least=1)
+                              "model's positions", within=Range(at_least=1))
     prompts: str | None = option(None, "a text file of prompts, one per line, used in turn "
                                        "(none: each text starts from one random token, as in LLM-QAT)")
-    temperature: float = option(1.0, "sampling temperature", above=0)
-    batch: int = option(16, "texts generated together", at_least=1)
-    seed: int = option(0, "seed of the random starts and the sampling", at_least=0, below=SEEDS)
+    temperature: float = option(1.0, "sampling temperature", within=Range(above=0))
+    batch: int = option(16, "texts generated together", within=Range(at_least=1))
+    seed: int = option(0, "seed of the random starts and the sampling", within=Range(at_least=0, below=SEEDS))
     force: bool = option(False, "replace an existing out file")
 
     def check(self) -> None:

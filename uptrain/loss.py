@@ -21,6 +21,8 @@ DeepSpeed's hooks gather its partitioned weight for each chunk.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -64,9 +66,22 @@ def _chunk_losses(head, hidden, labels, teacher_head, teacher_hidden, temperatur
     return ce, F.kl_div(student, teacher, log_target=True, reduction="sum")
 
 
-def chunked_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor,
-                   teacher_hidden: torch.Tensor | None = None, teacher_head: torch.nn.Module | None = None,
-                   temperature: float = 1.0,
+@dataclass
+class Teacher:
+    """Distillation's side of chunked_losses: the teacher's final hidden states for the same batch,
+    its output layer, and the temperature."""
+
+    hidden: torch.Tensor
+    head: torch.nn.Module
+    temperature: float = 1.0
+
+    @classmethod
+    @torch.no_grad()
+    def on(cls, model, input_ids: torch.Tensor, temperature: float) -> Teacher:
+        return cls(final_hidden_states(model, input_ids), model.get_output_embeddings(), temperature)
+
+
+def chunked_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor, teacher: Teacher | None = None,
                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(lm, kd) from final hidden states without the whole batch's logits.
 
@@ -78,10 +93,11 @@ def chunked_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch
     labels = next_token_labels(input_ids).reshape(-1)
     hidden = hidden.reshape(-1, width)
     fused = getattr(head, "fused_lm_loss", None)  # the GPU fast path's output layer (uptrain/fast_path.py)
-    if fused is not None and teacher_head is None and torch.is_grad_enabled() and hidden.requires_grad:
+    if fused is not None and teacher is None and torch.is_grad_enabled() and hidden.requires_grad:
         return fused(hidden, labels), None
-    teacher_chunks = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).split(chunk_tokens) if teacher_hidden is not None \
+    teacher_chunks = teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).split(chunk_tokens) if teacher is not None \
         else [None] * len(labels.split(chunk_tokens))
+    teacher_head, temperature = (teacher.head, teacher.temperature) if teacher is not None else (None, 1.0)
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     ce_sum, kl_sum = 0.0, 0.0
     for h, y, t in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens), teacher_chunks):
@@ -89,5 +105,5 @@ def chunked_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch
         ce, kl = checkpoint(_chunk_losses, *args, use_reentrant=False) if recompute else _chunk_losses(*args)
         ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
     lm = ce_sum / (labels != IGNORE).sum().clamp(min=1)
-    kd = kl_sum * temperature ** 2 / labels.numel() if teacher_head is not None else None
+    kd = kl_sum * temperature ** 2 / labels.numel() if teacher is not None else None
     return lm, kd

@@ -14,7 +14,7 @@ import yaml
 
 from common.errors import UserError
 from common.data import parse_specs
-from common.options import SEEDS, as_float, as_int, load_options, named, option, shard_size
+from common.options import SEEDS, Range, as_float, as_int, load_options, named, option, shard_size
 
 
 @dataclass
@@ -25,22 +25,22 @@ class Recipe:
     data: str | dict | list = option("data/wikitext-2/valid.txt", "training text: a spec, or a list of "
                                      "{path, weight, ...} (common/data.py)")
     eval_data: str | dict | list | None = option(None, "held-out text (none: the last eval_fraction of each data source)")
-    eval_fraction: float = option(0.05, "share of each data source held out for evals", above=0, below=1)
-    eval_tokens: int = option(8192, "tokens per eval", at_least=1)
+    eval_fraction: float = option(0.05, "share of each data source held out for evals", within=Range(above=0, below=1))
+    eval_tokens: int = option(8192, "tokens per eval", within=Range(at_least=1))
     out: str | None = option(None, "run folder (none: runs/uptrain-<model name>; the control arm adds -control)")
     token_cache: str = option(".cache/tokens", "token stores; a path every node sees for a multi-node run")
-    seq_len: int = option(256, "tokens per sequence (at most the model's positions)", at_least=2)
-    micro_batch: int = option(4, "sequences per rank per forward", at_least=1)
-    grad_accum: int = option(1, "micro-batches per optimizer step", at_least=1)
-    global_batch: int | None = option(None, "if given, must equal micro_batch x grad_accum x world size", at_least=1)
+    seq_len: int = option(256, "tokens per sequence (at most the model's positions)", within=Range(at_least=2))
+    micro_batch: int = option(4, "sequences per rank per forward", within=Range(at_least=1))
+    grad_accum: int = option(1, "micro-batches per optimizer step", within=Range(at_least=1))
+    global_batch: int | None = option(None, "if given, must equal micro_batch x grad_accum x world size", within=Range(at_least=1))
     budget: dict = option(factory=lambda: {"steps": 100}, help="one of steps, tokens or fraction_of_pretraining "
                           "(with pretraining_tokens unless the source is the embedded SmolLM2)")
-    lr: float = option(1.5e-4, "peak learning rate (a run that diverges stops in one line)", above=0)
-    min_lr_ratio: float = option(0.1, "final learning rate / peak (cosine schedule)", at_least=0, at_most=1)
-    warmup_steps: int = option(10, "linear learning-rate warm-up steps", at_least=0)
-    weight_decay: float = option(0.1, "AdamW weight decay", at_least=0)
+    lr: float = option(1.5e-4, "peak learning rate (a run that diverges stops in one line)", within=Range(above=0))
+    min_lr_ratio: float = option(0.1, "final learning rate / peak (cosine schedule)", within=Range(at_least=0, at_most=1))
+    warmup_steps: int = option(10, "linear learning-rate warm-up steps", within=Range(at_least=0))
+    weight_decay: float = option(0.1, "AdamW weight decay", within=Range(at_least=0))
     betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
-    grad_clip: float = option(1.0, "gradient-norm clip (0: none)", at_least=0)
+    grad_clip: float = option(1.0, "gradient-norm clip (0: none)", within=Range(at_least=0))
     zero_stage: int = option(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
     offload: bool = option(False, "ZeRO offload of optimizer state to CPU memory")
     deepspeed: str | dict | None = option(None, "a DeepSpeed JSON file (or its mapping) merged over "
@@ -52,28 +52,28 @@ class Recipe:
                           choices=("auto", "plain"))
     precision: str = option("auto", "auto = bf16 on a GPU, fp32 on a CPU", choices=("auto", "fp32", "bf16"))
     loss: str = option("lm", "next-token loss, distillation from the source, or both", choices=("lm", "kd", "lm+kd"))
-    kd_temperature: float = option(2.0, "distillation temperature", above=0)
-    kd_weight: float = option(0.5, "weight of kd in lm+kd", at_least=0, at_most=1)
-    warmup_new_params_steps: int = option(0, "steps that train only the layout's new parameters first", at_least=0)
+    kd_temperature: float = option(2.0, "distillation temperature", within=Range(above=0))
+    kd_weight: float = option(0.5, "weight of kd in lm+kd", within=Range(at_least=0, at_most=1))
+    warmup_new_params_steps: int = option(0, "steps that train only the layout's new parameters first", within=Range(at_least=0))
     blend_steps: int = option(0, "progressive conversion: converted layers move from their source K/V to the "
-                                 "layout's over the first N steps (0 = off; uptrain/blend.py)", at_least=0)
+                                 "layout's over the first N steps (0 = off; uptrain/blend.py)", within=Range(at_least=0))
     blend_schedule: str = option("linear", "how the layout's share t of the blended K/V rises to 1; switch: "
                                  "each layer takes the layout's K/V whole with probability t; layerwise: one "
                                  "layer after another, the top one first", choices=("linear", "cosine", "switch",
                                                                                    "layerwise"))
     control_arm: bool = option(False, "train the unconverted source with this recipe: the matched control")
-    seed: int = option(0, "seed of the data order and the initialization", at_least=0, below=SEEDS)
+    seed: int = option(0, "seed of the data order and the initialization", within=Range(at_least=0, below=SEEDS))
     max_skipped_steps: int = option(3, "optimizer steps skipped for overflow in a row before the run stops",
-                                    at_least=0)
-    save_every: int = option(50, "steps between checkpoints (the last step always saves)", at_least=1)
-    keep_last: int = option(2, "checkpoints kept", at_least=1)
-    eval_every: int = option(50, "steps between evals (step 0 always evals)", at_least=1)
-    log_every: int = option(1, "steps between metric lines", at_least=1)
+                                    within=Range(at_least=0))
+    save_every: int = option(50, "steps between checkpoints (the last step always saves)", within=Range(at_least=1))
+    keep_last: int = option(2, "checkpoints kept", within=Range(at_least=1))
+    eval_every: int = option(50, "steps between evals (step 0 always evals)", within=Range(at_least=1))
+    log_every: int = option(1, "steps between metric lines", within=Range(at_least=1))
     export_dtype: str = option("auto", "exported weights' dtype (auto: the model checkpoint's)",
                                choices=("auto", "float32", "bfloat16", "float16"))
     export_max_shard_size: str = option("5GB", "largest exported shard")
     export_at: tuple[int, ...] = option((), "steps after which the model is also exported, to exports/stepN "
-                                            "(quality per compute: each one judged by validate)", at_least=1)
+                                            "(quality per compute: each one judged by validate)", within=Range(at_least=1))
 
     def check(self) -> None:
         self.betas = typed_betas(self.betas)

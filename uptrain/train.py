@@ -22,7 +22,7 @@ from common.outputs import user_os_errors
 from . import blend as blending, checkpoint, fast_path
 from .data import TrainData
 from .engine import ds_config, optimizer_and_schedule, use_bf16
-from .loss import chunked_losses, final_hidden_states
+from .loss import Teacher, chunked_losses, final_hidden_states
 from .metrics import MetricsLog, plot
 from .recipe import Recipe
 
@@ -31,13 +31,8 @@ MAX_LOG_PPL = 700.0  # math.exp overflows a float just above 709
 
 def batch_loss(engine, batch: torch.Tensor, recipe: Recipe, teacher) -> torch.Tensor:
     """The recipe's loss, the output layer and loss a chunk of tokens at a time (uptrain/loss.py)."""
-    hidden = final_hidden_states(engine, batch)
-    teacher_hidden = None
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_hidden = final_hidden_states(teacher, batch)
-    lm, kd = chunked_losses(hidden, engine.module.get_output_embeddings(), batch, teacher_hidden,
-                            teacher.get_output_embeddings() if teacher is not None else None, recipe.kd_temperature)
+    distill = Teacher.on(teacher, batch, recipe.kd_temperature) if teacher is not None else None
+    lm, kd = chunked_losses(final_hidden_states(engine, batch), engine.module.get_output_embeddings(), batch, distill)
     if recipe.loss == "lm":
         return lm
     return kd if recipe.loss == "kd" else (1 - recipe.kd_weight) * lm + recipe.kd_weight * kd
