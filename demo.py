@@ -16,9 +16,7 @@ sum; each stage reports its own peak.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import resource
 import shutil
@@ -31,6 +29,7 @@ import uptrain
 import validate
 from checkpoint_io import Conversion, RunFolder
 from common.console import console
+from common.processes import fresh_processes
 from common.errors import UserError
 from common.options import command_line, load_options
 from models import LAYOUTS
@@ -100,9 +99,7 @@ PRELOAD = ["torch", "transformers", "models.modeling_sharedkv"]
 
 def in_child(fn, *args):
     """fn(*args) in a fresh process: the models it loads leave with it."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+    with fresh_processes(preload=PRELOAD) as pool:
         return pool.submit(fn, *args).result()
 
 
@@ -342,21 +339,12 @@ def uptrain_in_parallel(recipes: dict[str, Recipe], args: argparse.Namespace) ->
         console.print(f"[bold]$ {command_line('uptrain', recipe, FLAGS, os.path.relpath(MINI_RECIPE))}[/]",
                       highlight=False, soft_wrap=True)
         todo[name] = (recipe, resume)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
-    with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
-        futures = {name: pool.submit(one_thread, measured, uptrain.run, recipe, {"resume": resume})
+    with fresh_processes(2, one_thread=True, preload=PRELOAD) as pool:
+        futures = {name: pool.submit(measured, uptrain.run, recipe, {"resume": resume})
                    for name, (recipe, resume) in todo.items()}
         for name, future in futures.items():
             PEAKS["uptrain"] = max(PEAKS.get("uptrain", 0.0), future.result()[1])
     return {name: RunFolder(recipe.out).final for name, recipe in recipes.items()}
-
-
-def one_thread(fn, *args):
-    import torch
-
-    torch.set_num_threads(1)
-    return fn(*args)
 
 
 def mini_completions(models: dict[str, Path], new_tokens: int) -> dict[str, list[str]]:

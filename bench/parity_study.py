@@ -21,13 +21,14 @@ import concurrent.futures
 import fcntl
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from common.processes import fresh_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,12 +124,8 @@ def random_llama(folder: Path, shape: Shape, seed: int = 0) -> int:
 
 
 def in_fresh_process(jobs: int, tasks: list[tuple]) -> list:
-    """Run (fn, *args) tasks, `jobs` at a time, each in a fresh spawned process with one torch thread
-    (two one-thread processes on two cores train 1.2x the tokens/s of one two-thread process, and
-    an OMP thread that waits for a busy core stalls its whole team)."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
+    """Run (fn, *args) tasks, `jobs` at a time, each in a fresh process with one torch thread."""
+    with fresh_processes(jobs, one_thread=True) as pool:
         futures = [pool.submit(*task) for task in tasks]
         return [f.result() for f in futures]
 
@@ -487,15 +484,13 @@ def recorded(shape_name: str, kind: str) -> set[str]:
 def run_arms(shape_name: str, names: list[str], jobs: int) -> None:
     """Train the arms, their controls first, `jobs` at a time; judge each as soon as it and its control
     are trained (judging goes before training more), and record its result once judged."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     done = recorded(shape_name, "arms")
     controls = sorted({parse_arm(n).control for n in names})
     to_train = [n for n in dict.fromkeys(controls + names) if n not in done or n in controls]
     to_judge = [n for n in to_train if n not in done]
     trained: set[str] = set()
     running: dict[concurrent.futures.Future, tuple[str, str]] = {}
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
+    with fresh_processes(jobs, one_thread=True) as pool:
         while to_train or to_judge or running:
             while len(running) < jobs:
                 ready = [n for n in to_judge if n in trained and parse_arm(n).control in trained]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -259,3 +261,20 @@ def test_a_missing_result_file_fails(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("<!-- numbers from bench/results/gone.json\nfused | ppl = results.a.ppl\n-->\n| model | ppl |\n|---|---|\n| fused | 1 |\n")
     assert check(page) == (0, ["page.md:1: bench/results/gone.json does not exist"])
+
+
+def collected(*args: str) -> int:
+    """How many tests pytest collects from args (in a fresh process, as make test would)."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"^(\d+) tests? collected", out, re.M).group(1))
+
+
+def test_the_readme_says_how_many_tests_make_test_runs():
+    """The README's count of make test's tests is pytest's: adding or removing one fails here until
+    the README follows."""
+    said = re.search(r"make test +# ([\d,]+) tests, .*?\(([\d,]+) of them the in-process walk of option values\)",
+                     (ROOT / "README.md").read_text())
+    assert said, "README.md no longer says how many tests make test runs"
+    assert [int(n.replace(",", "")) for n in said.groups()] == [
+        collected("tests", "--ignore=tests/e2e"), collected("tests/test_option_values.py")]
