@@ -132,6 +132,20 @@ def test_budget_as_fraction_of_pretraining(recipe, cli, tmp_path, converted):
     assert params > 0 and metrics(tmp_path / "run")[-1]["step"] == math.ceil(0.5 * 640 / 128)
 
 
+def test_a_source_this_project_pretrained_says_its_pretraining_tokens(recipe, cli, tmp_path, capsys):
+    """A source with a pretraining manifest (data/mini-sources/*/pretraining.json) needs no
+    pretraining_tokens for a budget in its pretraining compute; a manifest without the count is one line."""
+    manifest = tmp_path / "src" / "pretraining.json"
+    manifest.write_text(json.dumps({"tokens": 640}))
+    assert cli("uptrain", "--config", recipe(budget={"fraction_of_pretraining": 0.5}, eval_every=100)) == 0
+    assert metrics(tmp_path / "run")[-1]["step"] == math.ceil(0.5 * 640 / 128)
+    manifest.write_text(json.dumps({"steps": 5}))
+    capsys.readouterr()
+    assert cli("uptrain", "--config", recipe("again", budget={"fraction_of_pretraining": 0.5})) == 2
+    assert "pretraining.json: no pretraining token count in it" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
 def test_control_arm_trains_the_source_and_is_bit_reproducible(recipe, cli, tmp_path, converted):
     for name in ("a", "b"):
         assert cli("uptrain", "--config", recipe(name, budget={"steps": 4}), "--control-arm") == 0

@@ -34,7 +34,7 @@ class Recipe:
     grad_accum: int = option(1, "micro-batches per optimizer step", within=Range(at_least=1))
     global_batch: int | None = option(None, "if given, must equal micro_batch x grad_accum x world size", within=Range(at_least=1))
     budget: dict = option(factory=lambda: {"steps": 100}, help="one of steps, tokens or fraction_of_pretraining "
-                          "(with pretraining_tokens unless the source is the embedded SmolLM2)")
+                          "(with pretraining_tokens unless the source is the embedded SmolLM2 or has a pretraining.json)")
     lr: float = option(1.5e-4, "peak learning rate (a run that diverges stops in one line)", within=Range(above=0))
     min_lr_ratio: float = option(0.1, "final learning rate / peak (cosine schedule)", within=Range(at_least=0, at_most=1))
     warmup_steps: int = option(10, "linear learning-rate warm-up steps", within=Range(at_least=0))

@@ -4,6 +4,7 @@ ZeRO job (on every rank of it), and `prepare(Recipe)`, its token stores built ah
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +83,22 @@ def plan_budget(recipe: Recipe, model_path: Path, source_path: Path | None, worl
     params = count_params(model_path)
     source_params = count_params(source_path) if source_path not in (None, model_path) else params
     tokens_per_step = recipe.micro_batch * recipe.grad_accum * world_size * recipe.seq_len
-    embedded = source_path is not None and source_path.name == DEFAULT_GGUF_NAME
-    default_pretraining = SMOLLM2_135M_PRETRAINING_TOKENS if embedded else None
-    return resolve_budget(recipe.budget, tokens_per_step, params, source_params, default_pretraining)
+    return resolve_budget(recipe.budget, tokens_per_step, params, source_params,
+                          known_pretraining_tokens(source_path or model_path))
+
+
+def known_pretraining_tokens(source: Path) -> int | None:
+    """The source's pretraining tokens where they are known: SmolLM2-135M's model card for the
+    embedded model, the manifest (pretraining.json) of a source this project pretrained."""
+    if source.name == DEFAULT_GGUF_NAME:
+        return SMOLLM2_135M_PRETRAINING_TOKENS
+    manifest = source / "pretraining.json"
+    if manifest.is_file():
+        try:
+            return int(json.loads(manifest.read_text())["tokens"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{manifest}: no pretraining token count in it ({err})") from None
+    return None
 
 
 def model_paths(recipe: Recipe) -> tuple[Path, Path | None]:
