@@ -13,8 +13,8 @@ MINI = ROOT / "data" / "mini-sources" / "gqa"
 SHARE = 0.01  # of the source's pretraining tokens: 29 steps, under a minute of training
 # FusedKV / source on held-out code after SHARE, measured on the project's 2-core machine: BOUND_MEASURED;
 # the bound leaves room for another machine's float sums, not for a lost recovery (step 0 is far above).
-BOUND_MEASURED = 1.910  # step 0: 2.431
-BOUND = 2.0  # 5% above: another machine installs slightly other packages, so its corpus differs a little
+BOUND_MEASURED = 1.873  # step 0: 2.431; lm alone (before the mini recipe distilled) 1.910
+BOUND = 1.96  # 5% above: another machine installs slightly other packages, so its corpus differs a little
 
 
 def test_fusedkv_on_the_mini_source_recovers_to_the_measured_ratio(cli, tmp_path):
