@@ -84,11 +84,11 @@ class SourceKV(nn.Module):
 
     def forward(self, attn: SharedKVAttention, hidden_states, cos, sin, past_key_values, shared_kv):
         keys, values = attn.keys_values(hidden_states, cos, sin, past_key_values, shared_kv)
-        if isinstance(values, tuple):  # SkipV1 on a cache: its own and layer 0's value heads, in head order
-            values = torch.cat(values, dim=1)
         share = self.schedule.share(attn.layer_idx)
         if share >= 1.0:
             return keys, values
+        if isinstance(values, tuple):  # SkipV1 on a cache: its own and layer 0's value heads, in head order
+            values = torch.cat(values, dim=1)
         new = hidden_states.shape[1]  # CommonKV's rotary tables cover every cached position: take the new ones
         source_keys = rope(self.k_norm(self.heads(self.k_proj(hidden_states))), cos[:, -new:], sin[:, -new:])
         source_values = self.heads(self.v_proj(hidden_states))

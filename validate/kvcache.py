@@ -60,10 +60,9 @@ def decode(model, ids: torch.Tensor, new_tokens: int, chunk: int | None = None) 
     cache), one untimed greedy step, then ``new_tokens`` greedy steps timed one by one (on a GPU each
     ends with a synchronize, so a step's time is its kernels', not their launch)."""
     sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
-    start, cache = time.perf_counter(), None
-    for begin in range(0, ids.shape[1], chunk or ids.shape[1]):
-        out = model(ids[:, begin : begin + (chunk or ids.shape[1])], past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
+    start, cache, step = time.perf_counter(), None, chunk or ids.shape[1]
+    for begin in range(0, ids.shape[1], step):
+        out = model(ids[:, begin : begin + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
     sync()
     prefill_s = time.perf_counter() - start
