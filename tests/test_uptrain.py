@@ -172,6 +172,16 @@ def test_warmup_trains_only_new_parameters_first(converted):
         schedule.step()
 
 
+def test_adapting_tensors_train_at_their_own_learning_rate(converted):
+    model = load_causal_lm(converted)
+    plain, scaled = (optimizer_and_schedule(model, load_recipe(None, [f"adapting_lr_scale={s}", "warmup_steps=2"]), 10)
+                     for s in (1, 3))
+    layer = model.model.layers[3].self_attn  # a FusedKV top layer: its gates and q/o adapt, its MLP does not
+    for param, factor in ((layer.key_gate_bottom, 3), (layer.q_proj.weight, 3), (model.model.embed_tokens.weight, 1),
+                          (model.model.layers[3].mlp.up_proj.weight, 1), (model.model.layers[0].self_attn.q_proj.weight, 1)):
+        assert learning_rate(*scaled, param) == pytest.approx(factor * learning_rate(*plain, param))
+
+
 def learning_rate(optimizer, schedule, param) -> float:
     return next(lr for group, lr in zip(optimizer.param_groups, schedule.get_last_lr())
                 if any(p is param for p in group["params"]))

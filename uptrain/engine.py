@@ -156,7 +156,8 @@ def warmed_up_first(name: str, config) -> bool:
 
 
 def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
-    """AdamW with a cosine schedule; during warmup_new_params_steps only new parameters move (lr 0 elsewhere).
+    """AdamW with a cosine schedule; during warmup_new_params_steps only new parameters move (lr 0 elsewhere),
+    and those move at adapting_lr_scale x lr throughout.
 
     Weight decay applies to the weights of linear layers and embeddings only, as in GPT-3, Llama and
     nanoGPT: norm weights, biases and FusedKV's gates are scales whose size is their meaning, and decay
@@ -176,10 +177,13 @@ def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
     def frozen_during_warmup(step: int) -> float:
         return 0.0 if step < recipe.warmup_new_params_steps else cosine(step)
 
+    def adapting(step: int) -> float:
+        return recipe.adapting_lr_scale * cosine(step)
+
     groups, lambdas = [], []
     for first in (True, False):
         # with nothing new (the control arm) there is nothing to warm up alone
-        schedule = cosine if first or not warm_first else frozen_during_warmup
+        schedule = adapting if first else cosine if not warm_first else frozen_during_warmup
         for decayed in (True, False):
             params = [p for name, p in trained if (name in warm_first) == first and (id(p) in matrices) == decayed]
             if params:

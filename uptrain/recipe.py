@@ -55,6 +55,8 @@ class Recipe:
     kd_temperature: float = option(2.0, "distillation temperature", within=Range(above=0))
     kd_weight: float = option(0.5, "weight of kd in lm+kd", within=Range(at_least=0, at_most=1))
     warmup_new_params_steps: int = option(0, "steps that train only the layout's new parameters first", within=Range(at_least=0))
+    adapting_lr_scale: float = option(1.0, "learning rate of the tensors through which converted layers adapt "
+                                      "(the ones reconstruct fits), as a multiple of lr", within=Range(above=0))
     blend_steps: int = option(0, "progressive conversion: converted layers move from their source K/V to the "
                                  "layout's over the first N steps (0 = off; uptrain/blend.py)", within=Range(at_least=0))
     blend_schedule: str = option("linear", "how the layout's share t of the blended K/V rises to 1; switch: "
