@@ -125,7 +125,7 @@ def ratio_table(source: str, shape: str, arms: dict, text: str) -> str:
     return marked_table(source, markers, rows, ["arm", "KV / token", *columns], "<" + ">" * (len(columns) + 1))
 
 
-SHAPE_NAMES = {"mha": "MHA", "gqa": "GQA"}
+SHAPE_NAMES = {"mha": "MHA", "gqa": "GQA", "demo": "demo (0.56M, MHA)"}
 TEXTS = {"code": "In domain (held-out code)", "wikitext": "Out of domain (WikiText-2 test)"}
 
 
@@ -224,11 +224,13 @@ def plot(results: dict, path: Path) -> None:
             ax = axes[row][col]
             ax.axvspan(10, 15, color="0.92", label="papers' budget (10-15% of C)")
             ax.axhline(TARGET, color="0.3", linewidth=0.8, linestyle=":", label=f"{TARGET}x the source")
-            for k, (name, arm) in enumerate(sorted(arms.items())):
+            controls = sorted(name for name, arm in arms.items() if arm["layout"] is None)
+            for name, arm in sorted(arms.items()):
                 xs = [100 * p["share_of_pretraining_flops"] for p in arm["points"]]
                 ys = [p["texts"][text]["vs_source"]["ratio"] for p in arm["points"]]
                 if arm["layout"] is None:
-                    style = dict(color=f"{0.15 * k:.2f}", linestyle="--", linewidth=1.8)
+                    grey = min(0.7, 0.15 * controls.index(name))  # black, then lighter greys
+                    style = dict(color=f"{grey:.2f}", linestyle="--", linewidth=1.8)
                 elif name == best[arm["layout"]]:
                     style = dict(color=colours[arm["layout"]], linewidth=2.2)
                 else:

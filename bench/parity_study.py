@@ -65,6 +65,9 @@ SHAPES = {
     # 2 CPU cores: 1.28M / 1.21M parameters, 20 tokens each, about 80 minutes on one core each
     "mha": Shape(layers=8, hidden=96, heads=4, kv_heads=4, ffn=256),
     "gqa": Shape(layers=8, hidden=96, heads=4, kv_heads=2, ffn=256),
+    # `make demo`'s part one: 0.56M parameters at 10 tokens each, so that 15% of C trains in about two
+    # minutes on one core (candidate and control side by side)
+    "demo": Shape(layers=6, hidden=64, heads=4, kv_heads=4, ffn=176, tokens_per_param=10),
     # the study's own smoke test: every stage in a minute or two
     "tiny": Shape(layers=4, hidden=32, heads=4, kv_heads=2, ffn=64, positions=64, seq_len=64, micro_batch=8,
                   tokens_per_param=1),
@@ -72,6 +75,9 @@ SHAPES = {
     "mha-25m": Shape(layers=12, hidden=384, heads=6, kv_heads=6, ffn=1024, positions=1024, seq_len=1024,
                      micro_batch=32, lr=1e-3),
 }
+
+
+COMMITTED = ("mha", "gqa", "demo")  # the CPU shapes whose pretrained sources are in data/mini-sources/
 
 
 def work_dir(shape: str) -> Path:
@@ -94,7 +100,7 @@ def corpus() -> Path:
 
 def source_dir(shape: str) -> Path:
     """Where a shape's pretrained source lives: committed for the CPU shapes, in the work folder for others."""
-    return SOURCES / shape if shape in ("mha", "gqa") else work_dir(shape) / "source"
+    return SOURCES / shape if shape in COMMITTED else work_dir(shape) / "source"
 
 
 def tokenizer_dir() -> Path:
@@ -226,6 +232,7 @@ UPTRAIN = dict(lr_share_of_pretraining=1 / 3, warmup_share=0.02, min_lr_ratio=0.
 # (SHARED_WITH_CONTROL): a candidate is always judged against the control trained as it was.
 VARIANTS = {
     "kd": {"loss": "lm+kd"},  # distillation from the source beside the data loss (temperature 2)
+    "kdfade": {"loss": "lm+kd", "kd_weight_end": 0.0},  # kd's weight falls to 0 by the end: past a weak teacher
     "kdt1": {"loss": "lm+kd", "kd_temperature": 1.0},
     "kdonly": {"loss": "kd", "kd_temperature": 1.0},  # the source's distribution alone, as Minitron recovers
     "lr1x": {"lr_share_of_pretraining": 1.0},  # re-warmed to pretraining's peak
@@ -262,10 +269,6 @@ def default_arms() -> list[str]:
     return ["control", *(f"{layout}-{init}" for layout in LAYOUTS for init in ("copy", "reconstruct"))]
 
 
-# reconstruct fits on code, the sources' domain, at a budget that takes seconds at this size
-RECONSTRUCT = dict(calib_tokens=65536, reconstruct_steps=300)
-
-
 def manifest_of(shape_name: str) -> dict:
     path = source_dir(shape_name) / "pretraining.json"
     if not path.is_file():
@@ -299,7 +302,9 @@ def converted(shape_name: str, arm: Arm, source: Path | None = None, out: Path |
     out = out or conversion_dir(shape_name, arm)
     if (out / "conversion.json").is_file():
         return out
-    fit = RECONSTRUCT if arm.init != "copy" else {}
+    from common.code_corpus import RECONSTRUCT_FIT
+
+    fit = RECONSTRUCT_FIT if arm.init != "copy" else {}  # on code, the sources' domain
     options = convert.ConvertOptions(source=str(source or source_dir(shape_name)), layout=arm.layout, init=arm.init,
                                      out=str(out), force=True, calib_text=str(calib_text()), device="cpu", **fit)
     convert.run(options)

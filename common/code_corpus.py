@@ -17,6 +17,8 @@ HELD_OUT_PER_MILLE = 20  # 2% of the files, by content hash
 MAX_FILE_BYTES = 1_000_000  # generated tables, not code (one file in the project venv)
 EVAL_TEXT_BYTES = 400_000  # heldout.txt: about 120k tokens of the 4k BPE
 CALIB_TEXT_BYTES = 1_000_000
+# the reconstruct init's fit on calib.txt for the mini sources (data/mini-sources/): seconds at their size
+RECONSTRUCT_FIT = {"calib_tokens": 65536, "reconstruct_steps": 300}
 EOS = "<|endoftext|>"
 
 

@@ -117,3 +117,27 @@ def test_eval_without_grad_gives_the_same_loss():
         lm, _ = chunked(model, ids, 3)
     assert not lm.requires_grad
     assert lm.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_lm_plus_kd_moves_its_weight_from_kd_weight_to_kd_weight_end():
+    from uptrain.recipe import Recipe
+    from uptrain.train import batch_loss
+
+    class Engine(torch.nn.Module):  # what DeepSpeed's engine is to batch_loss: callable, the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    model, teacher = tiny("fusedkv"), tiny(None, seed=1)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        lm, kd = chunked_losses(final_hidden_states(model, ids), model.get_output_embeddings(), ids,
+                                Teacher.on(teacher, ids, 2.0))
+        fading = Recipe(loss="lm+kd", kd_weight=0.6, kd_weight_end=0.0)
+        steady = Recipe(loss="lm+kd", kd_weight=0.6)
+        for recipe, progress, weight in ((fading, 0.0, 0.6), (fading, 0.5, 0.3), (fading, 1.0, 0.0), (steady, 1.0, 0.6)):
+            got = batch_loss(Engine(model), ids, recipe, teacher, progress)
+            assert got.item() == pytest.approx(((1 - weight) * lm + weight * kd).item(), rel=1e-6)

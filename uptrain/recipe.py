@@ -54,6 +54,9 @@ class Recipe:
     loss: str = option("lm", "next-token loss, distillation from the source, or both", choices=("lm", "kd", "lm+kd"))
     kd_temperature: float = option(2.0, "distillation temperature", within=Range(above=0))
     kd_weight: float = option(0.5, "weight of kd in lm+kd", within=Range(at_least=0, at_most=1))
+    kd_weight_end: float | None = option(None, "kd's weight in lm+kd at the last step, reached linearly from "
+                                         "kd_weight (none: constant); 0 lets the student outgrow a weak teacher",
+                                         within=Range(at_least=0, at_most=1))
     warmup_new_params_steps: int = option(0, "steps that train only the layout's new parameters first", within=Range(at_least=0))
     adapting_lr_scale: float = option(1.0, "learning rate of the tensors through which converted layers adapt "
                                       "(the ones reconstruct fits), as a multiple of lr", within=Range(above=0))

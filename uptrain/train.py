@@ -29,13 +29,16 @@ from .recipe import Recipe
 MAX_LOG_PPL = 700.0  # math.exp overflows a float just above 709
 
 
-def batch_loss(engine, batch: torch.Tensor, recipe: Recipe, teacher) -> torch.Tensor:
-    """The recipe's loss, the output layer and loss a chunk of tokens at a time (uptrain/loss.py)."""
+def batch_loss(engine, batch: torch.Tensor, recipe: Recipe, teacher, progress: float = 0.0) -> torch.Tensor:
+    """The recipe's loss, the output layer and loss a chunk of tokens at a time (uptrain/loss.py);
+    `progress` (step / total steps) moves lm+kd's weight from kd_weight towards kd_weight_end."""
     distill = Teacher.on(teacher, batch, recipe.kd_temperature) if teacher is not None else None
     lm, kd = chunked_losses(final_hidden_states(engine, batch), engine.module.get_output_embeddings(), batch, distill)
     if recipe.loss == "lm":
         return lm
-    return kd if recipe.loss == "kd" else (1 - recipe.kd_weight) * lm + recipe.kd_weight * kd
+    end = recipe.kd_weight if recipe.kd_weight_end is None else recipe.kd_weight_end
+    weight = recipe.kd_weight + (end - recipe.kd_weight) * progress
+    return kd if recipe.loss == "kd" else (1 - weight) * lm + weight * kd
 
 
 class Diverged(UserError):
@@ -104,6 +107,7 @@ class Uptraining:
 
         recipe, model = self.recipe, models.model
         self.models, self.data, self.total_steps = models, data, total_steps
+        self.progress = 0.0  # step / total_steps, set by at_step
         if recipe.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.kernels = fast_path.enable(model, recipe.kernels, recipe.zero_stage, recipe.loss,
@@ -133,7 +137,8 @@ class Uptraining:
 
     # --- one step, one eval ---------------------------------------------------------------------
     def at_step(self, step: int) -> None:
-        """The blend's t follows the step the weights are at."""
+        """The blend's t and kd's weight follow the step the weights are at."""
+        self.progress = step / self.total_steps
         if self.models.blend is not None:
             self.models.blend.step = step
 
@@ -143,7 +148,7 @@ class Uptraining:
         recipe, engine = self.recipe, self.engine
         losses, norm = [], None
         for micro, batch in enumerate(batches):
-            loss = batch_loss(engine, batch.to(engine.device), recipe, self.models.teacher)
+            loss = batch_loss(engine, batch.to(engine.device), recipe, self.models.teacher, self.progress)
             engine.backward(loss)
             if recipe.zero_stage == 0 and micro == recipe.grad_accum - 1:
                 norm = unclipped_grad_norm(engine)

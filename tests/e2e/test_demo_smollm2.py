@@ -12,7 +12,7 @@ def test_demo_runs_the_whole_pipeline(cli, tmp_path, capsys):
     mini = json.loads((out / "mini" / "report" / "report.json").read_text())
     assert [t["name"] for t in mini["texts"]] == ["corpus/heldout", "wikitext-2/test"]
     kv = {name: m["kv_bytes_per_token_measured"] for name, m in mini["models"].items()}
-    assert kv["candidate"] * 2 == kv["source"] == kv["control"]
+    assert kv["candidate"] * 2 <= kv["source"] == kv["control"]  # CommonKV: the cache at least halved
     code = mini["texts"][0]["perplexity"]
     assert code["source"] < 15 and code["candidate"] > code["control"]  # a few steps are far from parity
     report = json.loads((out / "reports" / "fusedkv-copy" / "demo.json").read_text())
