@@ -151,7 +151,8 @@ def scratch_tables(results: dict, source: str) -> str:
                 rows.append([label, f"{point['source_ppl']:.1f}", f"{point['ppl']:.1f}"])
                 path = f"shapes.{shape}.scratch_progress.{layout}.points.step={point['step']}"
                 markers += [f"{label} | source's pretraining = {path}.source_ppl", f"{label} | {twin} = {path}.ppl"]
-            parts.append(marked_table(source, markers, rows, ["step (share of C)", "source's pretraining", twin], "<>>"))
+            parts.append(f"{SHAPE_NAMES.get(shape, shape)} source and its {layout} twin, held-out code perplexity:\n\n"
+                         + marked_table(source, markers, rows, ["step (share of C)", "source's pretraining", twin], "<>>"))
     return "\n\n".join(parts) + "\n"
 
 
