@@ -1,5 +1,5 @@
 """How long the Makefile's long targets take on this machine: the numbers the docs quote for `make
-demo` and `make serve-env` (the demo reports each stage's peak memory itself). Each target runs as a
+demo`, `make serve-env` and `make test-serve` (the demo reports each stage's peak memory itself). Each target runs as a
 user would run it; the result (appended per target) goes to bench/results/make_timings.json.
 
     python bench/make_timings.py demo

@@ -7,6 +7,7 @@ from-scratch twin, in domain (held-out code) and out of domain (WikiText-2 test,
     python bench/parity_study.py pretrain            # the sources (once; committed in data/mini-sources/)
     python bench/parity_study.py arms --arms fusedkv-reconstruct,control
     python bench/parity_study.py report              # fits, table, plot from what has finished
+    python bench/parity_study.py --shape demo        # make demo's 0.56M source: every arm in minutes
     python bench/parity_study.py --shape mha-25m     # a larger shape, on a GPU: the same code
 
 Every stage is the project's own (convert.run, uptrain.run, validate.run), each arm in a fresh
