@@ -200,7 +200,9 @@ def splice(page: Path, regions: dict[str, str]) -> None:
         if not pattern.search(text):
             raise SystemExit(f"{page} has no generated region {name!r}")
         text = pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
-    page.write_text(text)
+    tmp = page.with_name(page.name + ".partial")  # never a half-written page
+    tmp.write_text(text)
+    tmp.rename(page)
 
 
 def plot(results: dict, path: Path) -> None:
