@@ -332,14 +332,11 @@ def parity_on_a_mini_source(args: argparse.Namespace) -> None:
 
 
 def mini_recipe(model: Path, run: Path, corpus: Path, tokens: int) -> Recipe:
-    """The mini recipe for model; the control (the source itself) trains on lm alone, as the study's does,
-    and both warm up over the study's 2% of their steps."""
+    """The mini recipe for model; the control (the source itself) trains on lm alone, as the study's does."""
     control = {"loss": "lm"} if model == MINI_SOURCE else {}
-    recipe = load_options(Recipe, os.path.relpath(MINI_RECIPE), flags={
+    return load_options(Recipe, os.path.relpath(MINI_RECIPE), flags={
         "model": str(model), "source": str(MINI_SOURCE), "data": str(corpus / "train.jsonl"),
         "eval_data": str(corpus / "heldout.jsonl"), "out": str(run), "budget": {"tokens": tokens}, **control})
-    recipe.warmup_steps = max(1, round(0.02 * tokens / (recipe.micro_batch * recipe.seq_len)))
-    return recipe
 
 
 def uptrain_in_parallel(recipes: dict[str, Recipe], args: argparse.Namespace) -> dict[str, Path]:

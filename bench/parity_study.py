@@ -192,8 +192,7 @@ def pretrain(shape_name: str) -> dict:
     params = count_params(init)
     recipe = pretrain_recipe(shape_name, init, folder / "run")
     final = uptrain_in_place(recipe)
-    records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
-    rates = sorted(r["tokens_per_s"] for r in records if "tokens_per_s" in r)
+    records = run_metrics(folder / "run")
     tokens = records[-1]["tokens"]
     manifest = {"shape": shape_name, **asdict(shape), "params": params, "tokens": tokens, "steps": records[-1]["step"],
                 "flops_6n": 6.0 * params * tokens, "tokens_per_param": tokens / params,
@@ -202,7 +201,7 @@ def pretrain(shape_name: str) -> dict:
                            if k not in ("model", "out", "token_cache")},
                 "final_eval_ppl": records[-1].get("eval_ppl"),
                 "eval_curve": [(r["step"], r["eval_ppl"]) for r in records if "eval_ppl" in r],
-                "tokens_per_s_median": round(rates[len(rates) // 2]), "machine": machine_info(),
+                "tokens_per_s_median": median_rate(records), "machine": machine_info(),
                 "command": f"python bench/parity_study.py pretrain --shape {shape_name}"}
     with atomic_folder(target, force=True, markers=("pretraining.json",)) as staged:
         for item in final.iterdir():
@@ -243,6 +242,7 @@ VARIANTS = {
     "newfirst": {"warmup_new_params_share": 0.01},  # only what the conversion changed trains first
     "adapt3x": {"adapting_lr_scale": 3.0},  # what the conversion changed at 3x the lr of the rest
     "adapt10x": {"adapting_lr_scale": 10.0},
+    "warm10": {"warmup_share": 0.1},  # a re-warm five times longer, 10% of the run
 }
 SHARED_WITH_CONTROL = ("lr_share_of_pretraining", "warmup_share", "min_lr_ratio")
 
@@ -296,8 +296,9 @@ def conversion_dir(shape_name: str, arm: Arm) -> Path:
     return work_dir(shape_name) / "conversions" / f"{arm.layout}-{arm.init}"
 
 
-def converted(shape_name: str, arm: Arm, source: Path | None = None, out: Path | None = None) -> Path:
-    """The arm's conversion of the source (or of `source`), made once."""
+def converted(shape_name: str, arm: Arm, source: Path | None = None, out: Path | None = None, **layout_options) -> Path:
+    """The arm's conversion of the source (or of `source`), made once; layout_options (storage_layers) go to
+    ConvertOptions."""
     import convert
 
     out = out or conversion_dir(shape_name, arm)
@@ -307,7 +308,8 @@ def converted(shape_name: str, arm: Arm, source: Path | None = None, out: Path |
 
     fit = RECONSTRUCT_FIT if arm.init != "copy" else {}  # on code, the sources' domain
     options = convert.ConvertOptions(source=str(source or source_dir(shape_name)), layout=arm.layout, init=arm.init,
-                                     out=str(out), force=True, calib_text=str(calib_text()), device="cpu", **fit)
+                                     out=str(out), force=True, calib_text=str(calib_text()), device="cpu",
+                                     **fit, **layout_options)
     convert.run(options)
     return out
 
@@ -320,17 +322,26 @@ def arm_recipe(shape_name: str, arm: Arm, model: Path, out: Path):
     data = corpus()
     settings = {**UPTRAIN, **arm.recipe}
     lr = manifest["lr"] * settings.pop("lr_share_of_pretraining")
-    warmup = max(1, round(total * settings.pop("warmup_share")))
     blend = round(settings.pop("blend_share", 0.0) * manifest["tokens"] / (manifest["micro_batch"] * manifest["seq_len"]))
     new_first = round(settings.pop("warmup_new_params_share", 0.0) * manifest["tokens"]
                       / (manifest["micro_batch"] * manifest["seq_len"]))
     return Recipe(model=str(model), source=str(source_dir(shape_name)), data=str(data / "train.jsonl"),
                   eval_data=str(data / "heldout.jsonl"), token_cache=str(WORK / "tokens"), out=str(out),
                   seq_len=manifest["seq_len"], micro_batch=manifest["micro_batch"], budget={"steps": total}, lr=lr,
-                  warmup_steps=warmup, zero_stage=0, eval_every=total, eval_tokens=4 * 32 * manifest["seq_len"],
+                  zero_stage=0, eval_every=total, eval_tokens=4 * 32 * manifest["seq_len"],
                   save_every=max(1, total // 5), keep_last=1, log_every=10, blend_steps=blend,
                   warmup_new_params_steps=new_first,
                   export_at=tuple(sorted({k for k in steps.values() if k > 0 and k >= blend})), **settings)
+
+
+def run_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def median_rate(records: list[dict]) -> int:
+    """The median of a run's logged training tokens/s (evals and exports excluded): what it cost."""
+    rates = sorted(r["tokens_per_s"] for r in records if "tokens_per_s" in r)
+    return round(rates[len(rates) // 2])
 
 
 def arm_folder(shape_name: str, name: str) -> Path:
@@ -384,7 +395,7 @@ def evaluate_arm(shape_name: str, arm_name: str) -> dict:
     recipe = arm_recipe(shape_name, arm, conversion_dir(shape_name, arm), folder / "run")
     control = arm_folder(shape_name, arm.control) / "run"
     per_step = manifest["micro_batch"] * manifest["seq_len"]
-    points = []
+    points, started = [], time.monotonic()
     for share, step in point_steps(shape_name).items():
         if step == 0:
             candidate = source_dir(shape_name) if arm.layout is None else conversion_dir(shape_name, arm)
@@ -406,10 +417,16 @@ def evaluate_arm(shape_name: str, arm_name: str) -> dict:
     return {"arm": arm_name, "layout": arm.layout, "init": arm.init, "control": arm.control,
             "recipe": {k: v for k, v in asdict(recipe).items()
                        if k not in ("model", "source", "out", "token_cache", "data", "eval_data")},
-            "points": points}
+            "points": points, "tokens_per_s_median": median_rate(run_metrics(folder / "run")),
+            "judge_seconds": round(time.monotonic() - started)}
 
 
 # ---------------------------------------------------------------- from scratch: the layout's own cost
+
+
+# The twins' own control: the project's model code with every layer storing its K/V (FusedKV with all
+# layers storage layers). It should pretrain as the Llama source did; a twin's lead over it is the layout's.
+SHARING_OFF = "sharing_off"
 
 
 def train_scratch(shape_name: str, layout: str) -> str:
@@ -421,7 +438,11 @@ def train_scratch(shape_name: str, layout: str) -> str:
     init = work_dir(shape_name) / "pretrain" / "init"
     if not (init / "config.json").is_file():
         random_llama(init, SHAPES[shape_name])  # the same seed: the same draw as the source's
-    model = converted(shape_name, Arm(f"scratch-{layout}", layout), source=init, out=folder / "init")
+    if layout == SHARING_OFF:
+        twin, options = Arm(f"scratch-{layout}", "fusedkv"), {"storage_layers": SHAPES[shape_name].layers}
+    else:
+        twin, options = Arm(f"scratch-{layout}", layout), {}
+    model = converted(shape_name, twin, source=init, out=folder / "init", **options)
     uptrain_in_place(pretrain_recipe(shape_name, model, folder / "run"))
     return layout
 
@@ -530,7 +551,8 @@ def main() -> None:
     parser.add_argument("--shape", default="mha,gqa", help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--arms", default=None, help="comma list of arms: control or <layout>-<init>, each with "
                         f"+variants ({', '.join(VARIANTS)}) (default: {', '.join(default_arms())})")
-    parser.add_argument("--scratch", default="fusedkv,skipv1", help="layouts pretrained from scratch (comma list)")
+    parser.add_argument("--scratch", default="fusedkv,skipv1", help="layouts pretrained from scratch (comma list; "
+                        f"{SHARING_OFF}: the model code with every layer storing its K/V, the twins' control)")
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once (one thread each on a CPU)")
     parser.add_argument("--work", default=None, help="corpus, token stores, runs (default runs/parity)")
     parser.add_argument("--results", default=None, help="folder of the results JSON and plot (default bench/results)")

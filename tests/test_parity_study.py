@@ -20,6 +20,15 @@ def test_a_variant_that_changes_the_schedule_changes_the_control_too():
     assert parse_arm("control+lr1x").control == "control+lr1x"
 
 
+@pytest.mark.parametrize("shape,steps,warmup", [("demo", 103, 2), ("mha", 469, 9)])
+def test_an_arm_warms_up_over_the_studys_share_of_its_steps(tmp_path, shape, steps, warmup):
+    from uptrain.recipe import warmup_length
+
+    recipe = parity_study.arm_recipe(shape, parse_arm("fusedkv-copy+kd"), tmp_path / "model", tmp_path / "run")
+    assert recipe.budget == {"steps": steps} and recipe.loss == "lm+kd"
+    assert warmup_length(recipe, steps) == warmup  # 2% (UPTRAIN's warmup_share), as the runs before the option had
+
+
 @pytest.mark.parametrize("name", ["fusedkv-copy+fast", "fusedkv-bogus", "mla-copy"])
 def test_an_unknown_arm_is_refused_in_one_line(name):
     with pytest.raises(SystemExit, match=re.escape(f"unknown arm {name!r}: control or <layout>-<init>")):

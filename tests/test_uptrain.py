@@ -182,6 +182,22 @@ def test_adapting_tensors_train_at_their_own_learning_rate(converted):
         assert learning_rate(*scaled, param) == pytest.approx(factor * learning_rate(*plain, param))
 
 
+@pytest.mark.parametrize("total,warmup", [(100, 2), (1000, 20), (10, 1)])
+def test_warmup_share_sets_the_warmup_from_the_runs_steps(converted, total, warmup):
+    """warmup_share replaces warmup_steps: the lr rises linearly for its share of the run (at least a step)."""
+    model = load_causal_lm(converted)
+    embed = model.model.embed_tokens.weight
+    optimizer, schedule = optimizer_and_schedule(model, load_recipe(None, ["warmup_share=0.02", "warmup_steps=7",
+                                                                            "lr=0.01"]), total)
+    seen = []
+    for _ in range(warmup + 1):
+        seen.append(learning_rate(optimizer, schedule, embed))
+        optimizer.step()
+        schedule.step()
+    assert seen[:warmup] == pytest.approx([0.01 * (k + 1) / warmup for k in range(warmup)])
+    assert seen[warmup] == pytest.approx(0.01)  # the cosine's first step: the peak
+
+
 def learning_rate(optimizer, schedule, param) -> float:
     return next(lr for group, lr in zip(optimizer.param_groups, schedule.get_last_lr())
                 if any(p is param for p in group["params"]))

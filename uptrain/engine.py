@@ -16,7 +16,7 @@ from common.errors import UserError
 from models.layout_tensors import adapts
 
 from .fast_path import fused_adamw, training_device
-from .recipe import Recipe, users_deepspeed
+from .recipe import Recipe, users_deepspeed, warmup_length
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "configs" / "deepspeed_zero.json"
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
@@ -168,10 +168,12 @@ def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
     warm_first = {name for name, _ in trained if warmed_up_first(name, model.config)}
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
 
+    warmup = warmup_length(recipe, total_steps)
+
     def cosine(step: int) -> float:
-        if step < recipe.warmup_steps:
-            return (step + 1) / recipe.warmup_steps
-        progress = (step - recipe.warmup_steps) / max(1, total_steps - recipe.warmup_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
         return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     def frozen_during_warmup(step: int) -> float:

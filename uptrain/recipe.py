@@ -38,6 +38,8 @@ class Recipe:
     lr: float = option(1.5e-4, "peak learning rate (a run that diverges stops in one line)", within=Range(above=0))
     min_lr_ratio: float = option(0.1, "final learning rate / peak (cosine schedule)", within=Range(at_least=0, at_most=1))
     warmup_steps: int = option(10, "linear learning-rate warm-up steps", within=Range(at_least=0))
+    warmup_share: float | None = option(None, "the warm-up as a share of the run's steps, at least one step "
+                                        "(replaces warmup_steps)", within=Range(above=0, below=1))
     weight_decay: float = option(0.1, "AdamW weight decay", within=Range(at_least=0))
     betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
     grad_clip: float = option(1.0, "gradient-norm clip (0: none)", within=Range(at_least=0))
@@ -99,6 +101,14 @@ RESUMABLE = ("out", "save_every", "keep_last", "eval_every", "log_every", "eval_
 
 def load_recipe(path: str | None, overrides: list[str] = (), flags: dict | None = None) -> Recipe:
     return load_options(Recipe, path, overrides, flags)
+
+
+def warmup_length(recipe: Recipe, total_steps: int) -> int:
+    """Warm-up steps: warmup_share of the run where given (a budget in tokens or a share of pretraining
+    fixes the steps only once the batch is known), else warmup_steps."""
+    if recipe.warmup_share is None:
+        return recipe.warmup_steps
+    return max(1, round(recipe.warmup_share * total_steps))
 
 
 def users_deepspeed(spec) -> dict:

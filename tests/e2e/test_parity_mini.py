@@ -13,8 +13,8 @@ MINI = ROOT / "data" / "mini-sources" / "demo"
 SHARE = 0.15  # of the source's pretraining tokens: 103 steps, about two minutes of training (3.5 min in all)
 # FusedKV / source on held-out code after SHARE, measured on the project's 2-core machine: BOUND_MEASURED;
 # the bound leaves room for another machine's float sums, not for a lost recovery (step 0 is far above).
-BOUND_MEASURED = 0.978  # step 0: 1.123; the study's arm (fusedkv-reconstruct+kd+lr1x, full corpus) 0.971
-BOUND = 0.993  # 1.5% above: another machine installs slightly other packages, so its corpus differs a little
+BOUND_MEASURED = 0.987  # step 0: 1.123; the study's arm (fusedkv-reconstruct+kd+lr1x, full corpus) 0.971
+BOUND = 1.002  # 1.5% above: another machine installs slightly other packages, so its corpus differs a little
 
 
 def test_fusedkv_on_the_mini_source_recovers_to_the_measured_ratio(cli, tmp_path):
