@@ -243,8 +243,9 @@ VARIANTS = {
     "adapt3x": {"adapting_lr_scale": 3.0},  # what the conversion changed at 3x the lr of the rest
     "adapt10x": {"adapting_lr_scale": 10.0},
     "warm10": {"warmup_share": 0.1},  # a re-warm five times longer, 10% of the run
+    "c5": {"budget_share": 0.05},  # the whole schedule in 5% of C, annealed there (not a mid-run export)
 }
-SHARED_WITH_CONTROL = ("lr_share_of_pretraining", "warmup_share", "min_lr_ratio")
+SHARED_WITH_CONTROL = ("lr_share_of_pretraining", "warmup_share", "min_lr_ratio", "budget_share")
 
 
 def parse_arm(name: str) -> Arm:
@@ -318,9 +319,9 @@ def arm_recipe(shape_name: str, arm: Arm, model: Path, out: Path):
     from uptrain.recipe import Recipe
 
     manifest, steps = manifest_of(shape_name), point_steps(shape_name)
-    total = steps[POINTS[-1]]
     data = corpus()
     settings = {**UPTRAIN, **arm.recipe}
+    total = steps[settings.pop("budget_share", POINTS[-1])]
     lr = manifest["lr"] * settings.pop("lr_share_of_pretraining")
     blend = round(settings.pop("blend_share", 0.0) * manifest["tokens"] / (manifest["micro_batch"] * manifest["seq_len"]))
     new_first = round(settings.pop("warmup_new_params_share", 0.0) * manifest["tokens"]
@@ -331,7 +332,7 @@ def arm_recipe(shape_name: str, arm: Arm, model: Path, out: Path):
                   zero_stage=0, eval_every=total, eval_tokens=4 * 32 * manifest["seq_len"],
                   save_every=max(1, total // 5), keep_last=1, log_every=10, blend_steps=blend,
                   warmup_new_params_steps=new_first,
-                  export_at=tuple(sorted({k for k in steps.values() if k > 0 and k >= blend})), **settings)
+                  export_at=tuple(sorted({k for k in steps.values() if 0 < k <= total and k >= blend})), **settings)
 
 
 def run_metrics(run: Path) -> list[dict]:

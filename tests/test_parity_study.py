@@ -29,6 +29,14 @@ def test_an_arm_warms_up_over_the_studys_share_of_its_steps(tmp_path, shape, ste
     assert warmup_length(recipe, steps) == warmup  # 2% (UPTRAIN's warmup_share), as the runs before the option had
 
 
+def test_a_c5_arm_anneals_within_five_percent_of_c_beside_a_control_that_does_too(tmp_path):
+    arm = parse_arm("skipv1-reconstruct+kd+lr2x+c5")
+    assert arm.control == "control+lr2x+c5"
+    steps = parity_study.point_steps("demo")
+    recipe = parity_study.arm_recipe("demo", arm, tmp_path / "model", tmp_path / "run")
+    assert recipe.budget == {"steps": steps[0.05]} and recipe.export_at == tuple(sorted({steps[s] for s in (0.01, 0.025, 0.05)}))
+
+
 @pytest.mark.parametrize("name", ["fusedkv-copy+fast", "fusedkv-bogus", "mla-copy"])
 def test_an_unknown_arm_is_refused_in_one_line(name):
     with pytest.raises(SystemExit, match=re.escape(f"unknown arm {name!r}: control or <layout>-<init>")):
