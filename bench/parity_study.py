@@ -237,6 +237,7 @@ VARIANTS = {
     "kdonly": {"loss": "kd", "kd_temperature": 1.0},  # the source's distribution alone, as Minitron recovers
     "lr1x": {"lr_share_of_pretraining": 1.0},  # re-warmed to pretraining's peak
     "lr2x": {"lr_share_of_pretraining": 2 / 3},
+    "lrhigh": {"lr_share_of_pretraining": 1.5},  # half again pretraining's peak
     "lrtenth": {"lr_share_of_pretraining": 0.1},  # no re-warm: the lr pretraining's cosine ended at
     "layerwise": {"blend_share": 0.025, "blend_schedule": "layerwise"},  # one layer at a time, top first
     "newfirst": {"warmup_new_params_share": 0.01},  # only what the conversion changed trains first
