@@ -244,6 +244,7 @@ VARIANTS = {
     "adapt3x": {"adapting_lr_scale": 3.0},  # what the conversion changed at 3x the lr of the rest
     "adapt10x": {"adapting_lr_scale": 10.0},
     "warm10": {"warmup_share": 0.1},  # a re-warm five times longer, 10% of the run
+    "warm25": {"warmup_share": 0.25},
     "c5": {"budget_share": 0.05},  # the whole schedule in 5% of C, annealed there (not a mid-run export)
 }
 SHARED_WITH_CONTROL = ("lr_share_of_pretraining", "warmup_share", "min_lr_ratio", "budget_share")
