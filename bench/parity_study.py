@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from checkpoint_io.run_folder import RunFolder
 from common.processes import fresh_processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,7 +193,7 @@ def pretrain(shape_name: str) -> dict:
     params = count_params(init)
     recipe = pretrain_recipe(shape_name, init, folder / "run")
     final = uptrain_in_place(recipe)
-    records = run_metrics(folder / "run")
+    records = RunFolder(folder / "run").records()
     tokens = records[-1]["tokens"]
     manifest = {"shape": shape_name, **asdict(shape), "params": params, "tokens": tokens, "steps": records[-1]["step"],
                 "flops_6n": 6.0 * params * tokens, "tokens_per_param": tokens / params,
@@ -337,10 +338,6 @@ def arm_recipe(shape_name: str, arm: Arm, model: Path, out: Path):
                   export_at=tuple(sorted({k for k in steps.values() if 0 < k <= total and k >= blend})), **settings)
 
 
-def run_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def median_rate(records: list[dict]) -> int:
     """The median of a run's logged training tokens/s (evals and exports excluded): what it cost."""
     rates = sorted(r["tokens_per_s"] for r in records if "tokens_per_s" in r)
@@ -420,7 +417,7 @@ def evaluate_arm(shape_name: str, arm_name: str) -> dict:
     return {"arm": arm_name, "layout": arm.layout, "init": arm.init, "control": arm.control,
             "recipe": {k: v for k, v in asdict(recipe).items()
                        if k not in ("model", "source", "out", "token_cache", "data", "eval_data")},
-            "points": points, "tokens_per_s_median": median_rate(run_metrics(folder / "run")),
+            "points": points, "tokens_per_s_median": median_rate(RunFolder(folder / "run").records()),
             "judge_seconds": round(time.monotonic() - started)}
 
 
@@ -459,7 +456,7 @@ def record_scratch_progress(shape_name: str) -> None:
         if layout in done or not (source_dir(shape_name) / "pretraining.json").is_file():
             continue
         source = dict(manifest_of(shape_name)["eval_curve"])
-        curve = [(r["step"], r["eval_ppl"]) for r in map(json.loads, metrics.read_text().splitlines())
+        curve = [(r["step"], r["eval_ppl"]) for r in RunFolder(metrics.parent).records()
                  if "eval_ppl" in r and r["step"] in source]
         record(shape_name, "scratch_progress", layout, {
             "steps_of": manifest_of(shape_name)["steps"],
@@ -468,7 +465,7 @@ def record_scratch_progress(shape_name: str) -> None:
 
 def evaluate_scratch(shape_name: str, layout: str) -> dict:
     folder = work_dir(shape_name) / "scratch" / layout
-    records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = RunFolder(folder / "run").records()
     return {"layout": layout, "eval_curve": [(r["step"], r["eval_ppl"]) for r in records if "eval_ppl" in r],
             **judge(shape_name, folder / "run" / "final", None, folder / "validate")}
 
