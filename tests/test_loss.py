@@ -40,6 +40,30 @@ def assert_same_gradients(got: dict, expected: dict) -> None:
         assert (g - expected[name]).abs().max().item() <= 1e-6 * scale, name
 
 
+class Engine(torch.nn.Module):  # what DeepSpeed's engine is to batch_loss: callable, the model as .module
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def logits_kept(model, loss_of) -> int:
+    """Positions of vocabulary-wide activations (not weights) saved for backward while loss_of() runs."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = []
+
+    def pack(t):
+        if t.dim() and t.shape[-1] == VOCAB and t.untyped_storage().data_ptr() not in weights:
+            kept.append(t.numel() // VOCAB)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_of()
+    return sum(kept)
+
+
 def chunked(model, ids, chunk_tokens, teacher=None, temperature=2.0):
     distill = Teacher.on(teacher, ids, temperature) if teacher is not None else None
     return chunked_losses(final_hidden_states(model, ids), model.get_output_embeddings(), ids, distill, chunk_tokens)
@@ -81,24 +105,8 @@ def test_no_whole_batch_logits_are_kept_for_backward():
     """Autograd saves no logits outside the checkpointed chunks (which keep only their inputs)."""
     model = tiny("fusedkv")
     ids = torch.randint(0, VOCAB, (4, 32))
-
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def logits_kept(loss_of) -> int:
-        """Positions of vocabulary-wide activations (not weights) saved for backward while loss_of() runs."""
-        kept = []
-
-        def pack(t):
-            if t.dim() and t.shape[-1] == VOCAB and t.untyped_storage().data_ptr() not in weights:
-                kept.append(t.numel() // VOCAB)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss_of()
-        return sum(kept)
-
-    assert logits_kept(lambda: chunked(model, ids, 16)) == 0
-    assert logits_kept(lambda: model(ids, labels=ids, use_cache=False).loss) >= ids.numel()  # the hook sees them
+    assert logits_kept(model, lambda: chunked(model, ids, 16)) == 0
+    assert logits_kept(model, lambda: model(ids, labels=ids, use_cache=False).loss) >= ids.numel()  # the hook sees them
 
 
 def test_kd_is_zero_against_itself_and_positive_against_another_model():
@@ -123,14 +131,6 @@ def test_lm_plus_kd_moves_its_weight_from_kd_weight_to_kd_weight_end():
     from uptrain.recipe import Recipe
     from uptrain.train import batch_loss
 
-    class Engine(torch.nn.Module):  # what DeepSpeed's engine is to batch_loss: callable, the model as .module
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, *args, **kwargs):
-            return self.module(*args, **kwargs)
-
     model, teacher = tiny("fusedkv"), tiny(None, seed=1)
     ids = torch.randint(0, VOCAB, (2, 12))
     with torch.no_grad():
@@ -141,3 +141,22 @@ def test_lm_plus_kd_moves_its_weight_from_kd_weight_to_kd_weight_end():
         for recipe, progress, weight in ((fading, 0.0, 0.6), (fading, 0.5, 0.3), (fading, 1.0, 0.0), (steady, 1.0, 0.6)):
             got = batch_loss(Engine(model), ids, recipe, teacher, progress)
             assert got.item() == pytest.approx(((1 - weight) * lm + weight * kd).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_batch_loss_recomputes_the_output_layer_only_under_activation_checkpointing(checkpointing):
+    """The recipe's activation_checkpointing decides whether the chunks' logits are kept for backward;
+    either way the loss and the gradients are the plain path's."""
+    from uptrain.recipe import Recipe
+    from uptrain.train import batch_loss
+
+    model = tiny("fusedkv")
+    ids = torch.randint(0, VOCAB, (4, 32))
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    expected = grads(model)
+    losses = []
+    kept = logits_kept(model, lambda: losses.append(
+        batch_loss(Engine(model), ids, Recipe(loss="lm", activation_checkpointing=checkpointing), None)))
+    losses[0].backward()
+    assert_same_gradients(grads(model), expected)
+    assert (kept == 0) == checkpointing

@@ -8,6 +8,11 @@ engine still sees the outputs it hooks its backward pass on), and the output lay
 per chunk of tokens under activation checkpointing: a chunk's logits exist only while
 that chunk is computed, again in the backward pass, never all at once. Same loss and gradients as
 the plain path (tests/test_loss.py pins them to 1e-6), for one more output-layer matmul per chunk.
+The recompute follows the recipe's activation_checkpointing: where memory is not short, a chunk keeps
+its logits-sized activations for the backward pass instead, as the plain path does. On the parity
+study's 1.6M-parameter MHA source (4,096-token vocabulary, 8,192 tokens a step, one CPU thread), where
+the output layer and loss are a third of the step, the recompute costs a tenth to a fifth of the
+step (bench/loss_recompute.py).
 
 Measured on the demo's FusedKV uptraining (SmolLM2-135M, fp32, CPU): the first forward pass rose
 0.78 GB, an eval 0.43 GB; chunked, 0.33 and 0.10 GB. The stage's steady peak, at the end of a
@@ -82,12 +87,13 @@ class Teacher:
 
 
 def chunked_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor, teacher: Teacher | None = None,
-                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   chunk_tokens: int | None = None, recompute: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(lm, kd) from final hidden states without the whole batch's logits.
 
     lm: mean next-token cross-entropy, as `model(input_ids, labels=input_ids).loss`.
     kd (None without a teacher): KL(teacher || student) of the temperature-softened distributions,
-    scaled by T^2 (Hinton et al.), per token; tests/test_loss.py holds the same on whole logits."""
+    scaled by T^2 (Hinton et al.), per token; tests/test_loss.py holds the same on whole logits.
+    recompute: checkpoint each chunk (its logits again in the backward pass) rather than keep them."""
     width = hidden.shape[-1]
     chunk_tokens = chunk_tokens or max(CHUNK_TOKENS, CHUNK_LOGITS // head.out_features)
     labels = next_token_labels(input_ids).reshape(-1)
@@ -98,7 +104,7 @@ def chunked_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch
     teacher_chunks = teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).split(chunk_tokens) if teacher is not None \
         else [None] * len(labels.split(chunk_tokens))
     teacher_head, temperature = (teacher.head, teacher.temperature) if teacher is not None else (None, 1.0)
-    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    recompute = recompute and torch.is_grad_enabled() and hidden.requires_grad
     ce_sum, kl_sum = 0.0, 0.0
     for h, y, t in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens), teacher_chunks):
         args = (head, h, y, teacher_head, t, temperature)

@@ -48,7 +48,8 @@ class Recipe:
     deepspeed: str | dict | None = option(None, "a DeepSpeed JSON file (or its mapping) merged over "
                                           "configs/deepspeed_zero.json; the keys this recipe sets (batch sizes, "
                                           "ZeRO stage, precision, clipping, offload) may only repeat it or say auto")
-    activation_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    activation_checkpointing: bool = option(False, "recompute activations in the backward pass (the decoder "
+                                            "layers', and the output layer's a chunk of tokens at a time)")
     kernels: str = option("auto", "auto: on a CUDA GPU, Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear "
                           "cross-entropy where installed and correct there (uptrain/fast_path.py); plain: PyTorch's",
                           choices=("auto", "plain"))

@@ -33,7 +33,8 @@ def batch_loss(engine, batch: torch.Tensor, recipe: Recipe, teacher, progress: f
     """The recipe's loss, the output layer and loss a chunk of tokens at a time (uptrain/loss.py);
     `progress` (step / total steps) moves lm+kd's weight from kd_weight towards kd_weight_end."""
     distill = Teacher.on(teacher, batch, recipe.kd_temperature) if teacher is not None else None
-    lm, kd = chunked_losses(final_hidden_states(engine, batch), engine.module.get_output_embeddings(), batch, distill)
+    lm, kd = chunked_losses(final_hidden_states(engine, batch), engine.module.get_output_embeddings(), batch, distill,
+                            recompute=recipe.activation_checkpointing)
     if recipe.loss == "lm":
         return lm
     end = recipe.kd_weight if recipe.kd_weight_end is None else recipe.kd_weight_end
