@@ -157,10 +157,11 @@ def scratch_tables(results: dict, source: str) -> str:
 
 
 def table(results: dict, fitted: dict, source: str | None = None) -> str:
-    """Markdown: per shape and arm, the ratio to the control at 5% and 15% of C and where 1.01x is reached;
+    """Markdown: per shape and arm, the ratio to the control at 5% of C and at the run's end (15% unless a
+    variant sets another budget) and where 1.01x is reached;
     with `source` (the results file's name), under the markers that tie its numbers to it."""
-    header = ["source and arm", "KV/token", "code vs control at 5% / 15% of C's tokens", "code: 1.01x source",
-              "code: 1.01x control", "code: 1.01x scratch", "prose vs control @15%", "prose: 1.01x control"]
+    header = ["source and arm", "KV/token", "code vs control at 5% of C's tokens / the run's end", "code: 1.01x source",
+              "code: 1.01x control", "code: 1.01x scratch", "prose vs control at the end", "prose: 1.01x control"]
     markers, rows = [], []
     for shape, data in results["shapes"].items():
         arms = data.get("arms", {})

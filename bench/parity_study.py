@@ -247,6 +247,7 @@ VARIANTS = {
     "warm10": {"warmup_share": 0.1},  # a re-warm five times longer, 10% of the run
     "warm25": {"warmup_share": 0.25},
     "c5": {"budget_share": 0.05},  # the whole schedule in 5% of C, annealed there (not a mid-run export)
+    "c30": {"budget_share": 0.30},  # twice the papers' budget: where a layout that misses at 15% gets to
 }
 SHARED_WITH_CONTROL = ("lr_share_of_pretraining", "warmup_share", "min_lr_ratio", "budget_share")
 
@@ -282,11 +283,17 @@ def manifest_of(shape_name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def point_steps(shape_name: str) -> dict[float, int]:
-    """The step at which each share of C is reached (same tokens per step for every arm)."""
+def point_steps(shape_name: str, budget_share: float = POINTS[-1]) -> dict[float, int]:
+    """The step at which each share of C is reached (same tokens per step for every arm); a run longer
+    than the last point is also measured where it ends."""
     manifest = manifest_of(shape_name)
     per_step = manifest["micro_batch"] * manifest["seq_len"]
-    return {share: round(share * manifest["tokens"] / per_step) for share in POINTS}
+    return {share: round(share * manifest["tokens"] / per_step) for share in sorted({*POINTS, budget_share})}
+
+
+def budget_share(arm: Arm) -> float:
+    """The share of C's tokens the arm's schedule runs to (15% unless a variant says otherwise)."""
+    return arm.recipe.get("budget_share", POINTS[-1])
 
 
 def calib_text() -> Path:
@@ -321,7 +328,7 @@ def converted(shape_name: str, arm: Arm, source: Path | None = None, out: Path |
 def arm_recipe(shape_name: str, arm: Arm, model: Path, out: Path):
     from uptrain.recipe import Recipe
 
-    manifest, steps = manifest_of(shape_name), point_steps(shape_name)
+    manifest, steps = manifest_of(shape_name), point_steps(shape_name, budget_share(arm))
     data = corpus()
     settings = {**UPTRAIN, **arm.recipe}
     total = steps[settings.pop("budget_share", POINTS[-1])]
@@ -396,7 +403,7 @@ def evaluate_arm(shape_name: str, arm_name: str) -> dict:
     control = arm_folder(shape_name, arm.control) / "run"
     per_step = manifest["micro_batch"] * manifest["seq_len"]
     points, started = [], time.monotonic()
-    for share, step in point_steps(shape_name).items():
+    for share, step in point_steps(shape_name, budget_share(arm)).items():
         if step == 0:
             candidate = source_dir(shape_name) if arm.layout is None else conversion_dir(shape_name, arm)
         elif step in recipe.export_at:

@@ -11,7 +11,10 @@ SMOLLM2_1_7B = dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, 
 # The same kind of model small enough for a test on a CPU
 TINY = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-5)
-SHAPES = {"smollm2-135m": SMOLLM2_135M, "smollm2-1.7b": SMOLLM2_1_7B, "tiny": TINY}
+# The parity study's MHA source (data/mini-sources/mha): at this size a step's fixed costs show
+MINI_MHA = dict(vocab_size=4096, hidden_size=96, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-6)
+SHAPES = {"smollm2-135m": SMOLLM2_135M, "smollm2-1.7b": SMOLLM2_1_7B, "tiny": TINY, "mini-mha": MINI_MHA}
 
 # Dense bf16 tensor-core peak of each GPU we report MFU on (vendor datasheets, no sparsity).
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}

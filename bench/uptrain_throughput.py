@@ -4,7 +4,9 @@ Each layout trains under the same DeepSpeed config (ZeRO-2, AdamW, the same batc
 tokens) through uptrain's own engine and step (``uptrain.train.Uptraining``: its loss, optimizer
 and, on a GPU, its fast path, uptrain/fast_path.py) in a fresh process, so peak RSS (CPU) or peak allocated memory (GPU) is its
 own. The model is a Llama built from a config (bench/shapes.py; default SmolLM2-135M's shape) on
-the device it trains on, so no weights travel.
+the device it trains on, so no weights travel. The `plain` row is the unconverted model in a plain
+transformers loop (`model(batch, labels=batch)`, fused AdamW, no DeepSpeed): against `source`, what
+uptrain's own machinery costs a step (`--shape mini-mha`, the parity study's source, shows it best).
 
     python bench/uptrain_throughput.py                       # CPU, fp32
     python bench/uptrain_throughput.py --device cuda --micro-batch 16 --seq-len 2048   # GPU, bf16, MFU
@@ -44,27 +46,31 @@ def one_layout(layout: str, args) -> dict:
     recipe = Recipe(micro_batch=args.micro_batch, seq_len=args.seq_len, zero_stage=2, kernels=args.kernels,
                     precision="bf16" if args.device == "cuda" else "fp32", activation_checkpointing=False)
     with torch.device(args.device):  # a 1.7B model initialised on the host takes longer than its benchmark
-        if layout == "source":
+        if layout in ("source", "plain"):
             model = LlamaForCausalLM(source_config)
         else:
             base, variants = split_variants(layout)
             model = with_variants(SharedKVForCausalLM(shared_kv_config(source_config, base)), variants)
-    uptraining = Uptraining(recipe, folder=None, world_size=world)  # uptrain's own engine and step: no run folder
-    uptraining.setup(Models(model), data=None, total_steps=args.steps + 2)
-    batch = torch.randint(0, source_config.vocab_size, (args.micro_batch, args.seq_len), device=uptraining.engine.device)
+    batch = torch.randint(0, source_config.vocab_size, (args.micro_batch, args.seq_len), device=args.device)
+    if layout == "plain":
+        step, kernels = plain_step(model, recipe, batch), "plain transformers loop"
+    else:
+        uptraining = Uptraining(recipe, folder=None, world_size=world)  # uptrain's own engine and step: no run folder
+        uptraining.setup(Models(model), data=None, total_steps=args.steps + 2)
+        step, kernels = (lambda: uptraining.train_step([batch])), uptraining.kernels or "plain PyTorch"
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for _ in range(2):  # warm-up
-        uptraining.train_step([batch])
+        step()
     sync()
     start = time.perf_counter()
     for _ in range(args.steps):
-        uptraining.train_step([batch])
+        step()
     sync()
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     tokens_per_s = args.steps * batch.numel() / seconds
     result = {"layout": layout, "parameters": params, "tokens_per_s": tokens_per_s,
-              "flops_per_s": 6 * params * tokens_per_s, "kernels": uptraining.kernels or "plain PyTorch"}
+              "flops_per_s": 6 * params * tokens_per_s, "kernels": kernels}
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.device == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
@@ -72,6 +78,21 @@ def one_layout(layout: str, args) -> dict:
         if peak:  # 6*N*T counts the matmuls only: attention's own FLOPs make the true MFU a bit higher
             result["mfu"] = result["flops_per_s"] / peak
     return result
+
+
+def plain_step(model, recipe, batch):
+    """One step of the reference loop on batch: the whole batch's loss through transformers, fused AdamW."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=tuple(recipe.betas),
+                                  weight_decay=recipe.weight_decay, fused=True)
+
+    def step():
+        model(batch, labels=batch, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,16 @@ def test_a_c5_arm_anneals_within_five_percent_of_c_beside_a_control_that_does_to
     assert recipe.budget == {"steps": steps[0.05]} and recipe.export_at == tuple(sorted({steps[s] for s in (0.01, 0.025, 0.05)}))
 
 
+def test_a_c30_arm_runs_past_the_last_point_and_is_measured_at_every_point_and_its_end(tmp_path):
+    arm = parse_arm("fusedkv-reconstruct+kd+lr1x+c30")
+    assert arm.control == "control+lr1x+c30"
+    steps = parity_study.point_steps("mha", 0.30)
+    assert set(steps) == {*parity_study.POINTS, 0.30} and abs(steps[0.30] - 2 * steps[0.15]) <= 1
+    recipe = parity_study.arm_recipe("mha", arm, tmp_path / "model", tmp_path / "run")
+    assert recipe.budget == {"steps": steps[0.30]}
+    assert recipe.export_at == tuple(sorted(step for step in steps.values() if step))
+
+
 @pytest.mark.parametrize("name", ["fusedkv-copy+fast", "fusedkv-bogus", "mla-copy"])
 def test_an_unknown_arm_is_refused_in_one_line(name):
     with pytest.raises(SystemExit, match=re.escape(f"unknown arm {name!r}: control or <layout>-<init>")):
