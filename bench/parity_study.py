@@ -331,7 +331,8 @@ def arm_recipe(shape_name: str, arm: Arm, model: Path, out: Path):
     manifest, steps = manifest_of(shape_name), point_steps(shape_name, budget_share(arm))
     data = corpus()
     settings = {**UPTRAIN, **arm.recipe}
-    total = steps[settings.pop("budget_share", POINTS[-1])]
+    settings.pop("budget_share", None)
+    total = steps[budget_share(arm)]
     lr = manifest["lr"] * settings.pop("lr_share_of_pretraining")
     blend = round(settings.pop("blend_share", 0.0) * manifest["tokens"] / (manifest["micro_batch"] * manifest["seq_len"]))
     new_first = round(settings.pop("warmup_new_params_share", 0.0) * manifest["tokens"]
