@@ -81,11 +81,14 @@ def one_layout(layout: str, args) -> dict:
 
 
 def plain_step(model, recipe, batch):
-    """One step of the reference loop on batch: the whole batch's loss through transformers, fused AdamW."""
+    """One step of the reference loop on batch: the whole batch's loss through transformers, AdamW fused
+    where uptrain's optimizer is (uptrain/fast_path.py), so the two rows differ only in the step."""
     import torch
 
+    from uptrain.fast_path import fused_adamw
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=tuple(recipe.betas),
-                                  weight_decay=recipe.weight_decay, fused=True)
+                                  weight_decay=recipe.weight_decay, fused=fused_adamw(str(batch.device)))
 
     def step():
         model(batch, labels=batch, use_cache=False).loss.backward()
