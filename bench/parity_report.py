@@ -1,7 +1,7 @@
 """The parity study's report: for each layout, the share of the source's pretraining compute C at
 which it gets back to 1.01x the source, the control and its own from-scratch twin, in and out of
-domain; a markdown table and a plot (ratio against % of C, one line per arm, the control dashed,
-the papers' 10-15% band shaded). Reads bench/results/parity_study_<device>.json, adds "fits" to it.
+domain; a markdown table and two plots (ratio against % of C, the papers' 10-15% band shaded): one
+line per layout, its best arm with its control dashed, and every arm. Reads bench/results/parity_study_<device>.json, adds "fits" to it.
 
     python bench/parity_report.py [results.json] [--docs docs/parity.md]
 
@@ -206,50 +206,89 @@ def splice(page: Path, regions: dict[str, str]) -> None:
     tmp.rename(page)
 
 
-def plot(results: dict, path: Path) -> None:
-    """Candidate/source perplexity ratio against % of C: a panel per source and text. A colour per layout,
-    its arms (inits, recipe variants) in it, the one that ends lowest in domain bold; controls dashed."""
+PANELS = (("code", "held-out code (in domain)"), ("wikitext", "WikiText-2 test (out of domain)"))
+
+
+def ends_at_last_point(arm: dict) -> bool:
+    """Whether the arm's schedule runs to the study's last point (15% of C), not c5's 5% or c30's 30%."""
+    return round(arm["points"][-1]["share_of_pretraining_tokens"], 6) == 0.15
+
+
+def best_arms(arms: dict) -> dict[str, str]:
+    """Each layout's arm that ends lowest against the source in domain, among those run to 15% of C."""
+    best: dict[str, str] = {}
+    for name in sorted(arms):
+        arm = arms[name]
+        if arm["layout"] and ends_at_last_point(arm):
+            final = arm["points"][-1]["texts"]["code"]["vs_source"]["ratio"]
+            if arm["layout"] not in best or final < arms[best[arm["layout"]]]["points"][-1]["texts"]["code"]["vs_source"]["ratio"]:
+                best[arm["layout"]] = name
+    return best
+
+
+def plot(results: dict, path: Path, every_arm: bool = False) -> None:
+    """Candidate/source perplexity ratio against % of C: a panel per source and text, a colour per layout.
+    By default one line per layout (its best arm to 15% of C) and the matched controls of those arms, grey
+    and dashed; every_arm draws every arm, each layout's best bold and the controls grey and dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from models import LAYOUTS
+
     shapes = list(results["shapes"])
-    every_layout = sorted({a["layout"] for s in results["shapes"].values() for a in s.get("arms", {}).values() if a["layout"]})
-    colours = {layout: f"C{i}" for i, layout in enumerate(every_layout)}  # one colour per layout in every panel
+    colours = {layout: f"C{i}" for i, layout in enumerate(LAYOUTS)}  # one colour per layout in every panel
     fig, axes = plt.subplots(len(shapes), 2, figsize=(13, 5 * len(shapes)), squeeze=False)
     for row, shape in enumerate(shapes):
         arms = results["shapes"][shape].get("arms", {})
-        layouts = sorted({arm["layout"] for arm in arms.values() if arm["layout"]})
-        best = {layout: min((n for n, a in arms.items() if a["layout"] == layout),
-                            key=lambda n: arms[n]["points"][-1]["texts"]["code"]["vs_source"]["ratio"]) for layout in layouts}
-        for col, (text, title) in enumerate((("code", "held-out code (in domain)"),
-                                             ("wikitext", "WikiText-2 test (out of domain)"))):
+        best = best_arms(arms)
+        for col, (text, title) in enumerate(PANELS):
             ax = axes[row][col]
             ax.axvspan(10, 15, color="0.92", label="papers' budget (10-15% of C)")
             ax.axhline(TARGET, color="0.3", linewidth=0.8, linestyle=":", label=f"{TARGET}x the source")
-            controls = sorted(name for name, arm in arms.items() if arm["layout"] is None)
-            for name, arm in sorted(arms.items()):
+            for name, label, style in plot_lines(arms, best, colours, every_arm):
+                arm = arms[name]
                 xs = [100 * p["share_of_pretraining_flops"] for p in arm["points"]]
                 ys = [p["texts"][text]["vs_source"]["ratio"] for p in arm["points"]]
-                if arm["layout"] is None:
-                    grey = min(0.7, 0.15 * controls.index(name))  # black, then lighter greys
-                    style = dict(color=f"{grey:.2f}", linestyle="--", linewidth=1.8)
-                elif name == best[arm["layout"]]:
-                    style = dict(color=colours[arm["layout"]], linewidth=2.2)
-                else:
-                    style = dict(color=colours[arm["layout"]], linewidth=0.9, alpha=0.6)
-                ax.plot(xs, ys, marker="o", markersize=3, label=name, **style)
+                ax.plot(xs, ys, marker="o", markersize=3, label=label, **style)
             top = max(y for line in ax.get_lines() for y in line.get_ydata())
             ax.set_ylim(bottom=min(0.95, ax.get_ylim()[0]), top=min(CLIP, top * 1.02))  # where parity is decided
             ax.set_xlabel("uptraining compute, % of the source's pretraining C (6N a token; kd: +2N)")
             ax.set_ylabel("perplexity / the source's")
             ax.set_title(f"{shape}: {title}" + (f" (clipped at {CLIP}x)" if top > CLIP else ""))
             ax.grid(True, which="both", alpha=0.3)
-        axes[row][1].legend(fontsize=7, loc="upper right", ncol=2)
+        axes[row][1].legend(fontsize=7 if every_arm else 8, loc="upper right", ncol=2 if every_arm else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_lines(arms: dict, best: dict[str, str], colours: dict[str, str], every_arm: bool) -> list[tuple[str, str, dict]]:
+    """(arm, legend label, line style) of each line a panel draws."""
+    if not every_arm:
+        lines = [(name, f"{layout}: {name.partition('-')[2]}", dict(color=colours[layout], linewidth=2.2))
+                 for layout, name in best.items()]
+        matched: dict[str, list[str]] = {}  # each best arm's control, drawn once for the layouts it matches
+        for layout, name in best.items():
+            if arms[name]["control"] in arms:
+                matched.setdefault(arms[name]["control"], []).append(layout)
+        for shade, (control, layouts) in enumerate(matched.items()):
+            lines.append((control, f"{control} (control of {', '.join(layouts)})",
+                          dict(color=f"{min(0.6, 0.3 * shade):.2f}", linestyle="--", linewidth=1.4)))
+        return lines
+    controls = sorted(name for name, arm in arms.items() if arm["layout"] is None)
+    lines = []
+    for name, arm in sorted(arms.items()):
+        if arm["layout"] is None:
+            grey = min(0.7, 0.15 * controls.index(name))  # black, then lighter greys
+            style = dict(color=f"{grey:.2f}", linestyle="--", linewidth=1.8)
+        elif name == best.get(arm["layout"]):
+            style = dict(color=colours[arm["layout"]], linewidth=2.2)
+        else:
+            style = dict(color=colours[arm["layout"]], linewidth=0.9, alpha=0.6)
+        lines.append((name, name, style))
+    return lines
 
 
 def main(path: Path, page: Path | None = None) -> None:
@@ -259,10 +298,11 @@ def main(path: Path, page: Path | None = None) -> None:
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.rename(path)
     plot(results, path.with_suffix(".png"))
+    plot(results, path.with_name(f"{path.stem}_all_arms.png"), every_arm=True)
     markdown = table(results, results["fits"])
     path.with_suffix(".md").write_text(markdown + "\n")
     print(markdown)
-    print(f"table: {path.with_suffix('.md')}, plot: {path.with_suffix('.png')}")
+    print(f"table: {path.with_suffix('.md')}, plots: {path.with_suffix('.png')} (every arm: {path.stem}_all_arms.png)")
     if page is not None:
         source = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
         splice(page, {"ratios": ratio_tables(results, source), "scratch": scratch_tables(results, source),

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from bench.parity_report import crossing, describe, fits, ratio_tables, splice, table
+from bench.parity_report import best_arms, crossing, describe, fits, main, plot_lines, ratio_tables, splice, table
 from tests.test_docs_numbers import check
 
 
@@ -92,3 +92,43 @@ def test_a_page_without_the_generated_region_is_one_error(tmp_path):
     with pytest.raises(SystemExit, match="no generated region 'fits'"):
         splice(page, {"fits": "| a |"})
     assert page.read_text() == "# nothing generated here\n"
+
+
+def arm_to(last_share, layout, final, control="control"):
+    """An arm whose schedule ends at last_share of C with candidate/source `final` in domain."""
+    return {"layout": layout, "control": control, "points": [
+        {**point(0.0, 20.0, 2.0, 2.0), "share_of_pretraining_tokens": 0.0},
+        {**point(last_share, 10.0 * final, final, final), "share_of_pretraining_tokens": last_share, "step": 40,
+         "kv_bytes_per_token": 96.0 if layout else 192.0, "source_kv_bytes_per_token": 192.0}]}
+
+
+def test_each_layout_is_drawn_by_its_best_arm_to_15_percent_with_its_control_once():
+    arms = {"fusedkv-copy": arm_to(0.15, "fusedkv", 1.30),
+            "fusedkv-reconstruct+kd+lr1x": arm_to(0.15, "fusedkv", 1.08, control="control+lr1x"),
+            "fusedkv-reconstruct+kd+lr1x+c30": arm_to(0.30, "fusedkv", 1.01, control="control+lr1x+c30"),
+            "skipv1-reconstruct+kd+c5": arm_to(0.05, "skipv1", 1.04, control="control+c5"),
+            "skipv1-reconstruct+kd+lr1x": arm_to(0.15, "skipv1", 1.02, control="control+lr1x"),
+            "control+lr1x": arm_to(0.15, None, 1.03, control="control+lr1x")}
+    # the c30 arm ends lower but at 30%, the c5 arm at 5%: neither is judged at the study's 15%
+    assert best_arms(arms) == {"fusedkv": "fusedkv-reconstruct+kd+lr1x", "skipv1": "skipv1-reconstruct+kd+lr1x"}
+    colours = {"fusedkv": "C0", "skipv1": "C1"}
+    lines = plot_lines(arms, best_arms(arms), colours, every_arm=False)
+    assert [(name, label) for name, label, _ in lines] == [
+        ("fusedkv-reconstruct+kd+lr1x", "fusedkv: reconstruct+kd+lr1x"), ("skipv1-reconstruct+kd+lr1x", "skipv1: reconstruct+kd+lr1x"),
+        ("control+lr1x", "control+lr1x (control of fusedkv, skipv1)")]
+    assert lines[-1][2]["linestyle"] == "--" and lines[0][2]["color"] == "C0"
+    assert len(plot_lines(arms, best_arms(arms), colours, every_arm=True)) == len(arms)
+
+
+def test_the_report_writes_both_plots(tmp_path):
+    results = {"shapes": {"mha": {"arms": {"fusedkv-copy": arm_to(0.15, "fusedkv", 1.2),
+                                           "control": arm_to(0.15, None, 1.0)}}}}
+    path = tmp_path / "parity_study_cpu.json"
+    path.write_text(json.dumps(results))
+    main(path)
+    import matplotlib.image
+
+    for name in ("parity_study_cpu.png", "parity_study_cpu_all_arms.png"):
+        height, width, _ = matplotlib.image.imread(tmp_path / name).shape
+        assert (height, width) == (550, 1430)  # one source: a row of two panels at the plot's dpi
+    assert "fits" in json.loads(path.read_text())
