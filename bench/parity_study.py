@@ -269,10 +269,18 @@ def parse_arm(name: str) -> Arm:
     return Arm(name, layout, init, recipe, control="+".join(["control", *shared]))
 
 
+# Each layout's best recipe on the MHA source (docs/parity.md, "What was tried"): reconstruct init and
+# distillation, re-warmed to pretraining's peak for the FusedKVs and to two thirds of it for the others.
+BEST_RECIPES = {"fusedkv": "reconstruct+kd+lr1x", "fusedkv_lite": "reconstruct+kd+lr1x",
+                "skipv1": "reconstruct+kd+lr2x", "commonkv": "reconstruct+kd+lr2x"}
+
+
 def default_arms() -> list[str]:
+    """The control, each layout with copy init (the mission's conversion) on the study's recipe, and each
+    layout's best recipe; run_arms adds the controls those need."""
     from models import LAYOUTS
 
-    return ["control", *(f"{layout}-{init}" for layout in LAYOUTS for init in ("copy", "reconstruct"))]
+    return ["control", *(f"{layout}-copy" for layout in LAYOUTS), *(f"{layout}-{BEST_RECIPES[layout]}" for layout in LAYOUTS)]
 
 
 def manifest_of(shape_name: str) -> dict:
