@@ -1,7 +1,8 @@
 """The parity study's report: for each layout, the share of the source's pretraining compute C at
 which it gets back to 1.01x the source, the control and its own from-scratch twin, in and out of
 domain; a markdown table and two plots (ratio against % of C, the papers' 10-15% band shaded): one
-line per layout, its best arm with its control dashed, and every arm. Reads bench/results/parity_study_<device>.json, adds "fits" to it.
+line per layout, its best arm with its control dashed, and every arm. Reads
+bench/results/parity_study_<device>.json, adds "fits" to it.
 
     python bench/parity_report.py [results.json] [--docs docs/parity.md]
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 1.01
+PAPERS_BUDGET = 0.15  # the share of C every arm of the study runs to, unless a variant says otherwise
 CLIP = 2.0  # the plot's top: step 0 can be several times the source, and parity is decided near 1
 REFERENCES = ("vs_source", "vs_control", "vs_scratch")
 
@@ -209,20 +211,18 @@ def splice(page: Path, regions: dict[str, str]) -> None:
 PANELS = (("code", "held-out code (in domain)"), ("wikitext", "WikiText-2 test (out of domain)"))
 
 
-def ends_at_last_point(arm: dict) -> bool:
-    """Whether the arm's schedule runs to the study's last point (15% of C), not c5's 5% or c30's 30%."""
-    return round(arm["points"][-1]["share_of_pretraining_tokens"], 6) == 0.15
-
-
 def best_arms(arms: dict) -> dict[str, str]:
-    """Each layout's arm that ends lowest against the source in domain, among those run to 15% of C."""
+    """Each layout's arm that ends lowest against the source in domain, among those whose schedule runs to
+    the study's 15% of C (not c5's 5% or c30's 30%)."""
+    def final(name: str) -> float:
+        return arms[name]["points"][-1]["texts"]["code"]["vs_source"]["ratio"]
+
     best: dict[str, str] = {}
     for name in sorted(arms):
-        arm = arms[name]
-        if arm["layout"] and ends_at_last_point(arm):
-            final = arm["points"][-1]["texts"]["code"]["vs_source"]["ratio"]
-            if arm["layout"] not in best or final < arms[best[arm["layout"]]]["points"][-1]["texts"]["code"]["vs_source"]["ratio"]:
-                best[arm["layout"]] = name
+        layout = arms[name]["layout"]
+        if layout and round(arms[name]["points"][-1]["share_of_pretraining_tokens"], 6) == PAPERS_BUDGET:
+            if layout not in best or final(name) < final(best[layout]):
+                best[layout] = name
     return best
 
 
