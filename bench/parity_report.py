@@ -211,17 +211,19 @@ def splice(page: Path, regions: dict[str, str]) -> None:
 PANELS = (("code", "held-out code (in domain)"), ("wikitext", "WikiText-2 test (out of domain)"))
 
 
+def final_ratio(arm: dict) -> float:
+    """Candidate / source perplexity in domain where the arm's run ends."""
+    return arm["points"][-1]["texts"]["code"]["vs_source"]["ratio"]
+
+
 def best_arms(arms: dict) -> dict[str, str]:
     """Each layout's arm that ends lowest against the source in domain, among those whose schedule runs to
     the study's 15% of C (not c5's 5% or c30's 30%)."""
-    def final(name: str) -> float:
-        return arms[name]["points"][-1]["texts"]["code"]["vs_source"]["ratio"]
-
     best: dict[str, str] = {}
     for name in sorted(arms):
         layout = arms[name]["layout"]
-        if layout and round(arms[name]["points"][-1]["share_of_pretraining_tokens"], 6) == PAPERS_BUDGET:
-            if layout not in best or final(name) < final(best[layout]):
+        if layout and arms[name]["points"][-1]["share_of_pretraining_tokens"] == PAPERS_BUDGET:
+            if layout not in best or final_ratio(arms[name]) < final_ratio(arms[best[layout]]):
                 best[layout] = name
     return best
 
