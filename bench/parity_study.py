@@ -236,6 +236,7 @@ VARIANTS = {
     "kdfade": {"loss": "lm+kd", "kd_weight_end": 0.0},  # kd's weight falls to 0 by the end: past a weak teacher
     "kdt1": {"loss": "lm+kd", "kd_temperature": 1.0},
     "kdonly": {"loss": "kd", "kd_temperature": 1.0},  # the source's distribution alone, as Minitron recovers
+    "hidden": {"kd_hidden_weight": 10.0},  # with kd: every layer's output pulled towards the source's too
     "lr1x": {"lr_share_of_pretraining": 1.0},  # re-warmed to pretraining's peak
     "lr2x": {"lr_share_of_pretraining": 2 / 3},
     "lrhigh": {"lr_share_of_pretraining": 1.5},  # half again pretraining's peak
@@ -244,12 +245,14 @@ VARIANTS = {
     "newfirst": {"warmup_new_params_share": 0.01},  # only what the conversion changed trains first
     "adapt3x": {"adapting_lr_scale": 3.0},  # what the conversion changed at 3x the lr of the rest
     "adapt10x": {"adapting_lr_scale": 10.0},
+    "layers": {"adapting_scope": "layer"},  # adapt3x/adapt10x/newfirst apply to whole converted layers, MLPs too
     "warm10": {"warmup_share": 0.1},  # a re-warm five times longer, 10% of the run
     "warm25": {"warmup_share": 0.25},
     "c5": {"budget_share": 0.05},  # the whole schedule in 5% of C, annealed there (not a mid-run export)
     "c30": {"budget_share": 0.30},  # twice the papers' budget: where a layout that misses at 15% gets to
+    "b16": {"batch_share": 0.5},  # half the source's batch, twice the steps, the same tokens
 }
-SHARED_WITH_CONTROL = ("lr_share_of_pretraining", "warmup_share", "min_lr_ratio", "budget_share")
+SHARED_WITH_CONTROL = ("lr_share_of_pretraining", "warmup_share", "min_lr_ratio", "budget_share", "batch_share")
 
 
 def parse_arm(name: str) -> Arm:
@@ -271,7 +274,7 @@ def parse_arm(name: str) -> Arm:
 
 # Each layout's best recipe on the MHA source (docs/parity.md, "What was tried"): reconstruct init and
 # distillation, re-warmed to pretraining's peak for the FusedKVs and to two thirds of it for the others.
-BEST_RECIPES = {"fusedkv": "reconstruct+kd+lr1x", "fusedkv_lite": "reconstruct+kd+lr1x",
+BEST_RECIPES = {"fusedkv": "reconstruct+kd+lr1x+b16", "fusedkv_lite": "reconstruct+kd+lr1x",
                 "skipv1": "reconstruct+kd+lr2x", "commonkv": "reconstruct+kd+lr2x"}
 
 
@@ -291,12 +294,18 @@ def manifest_of(shape_name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def point_steps(shape_name: str, budget_share: float = POINTS[-1]) -> dict[float, int]:
-    """The step at which each share of C is reached (same tokens per step for every arm); a run longer
-    than the last point is also measured where it ends."""
+def micro_batch(shape_name: str, arm: Arm | None = None) -> int:
+    """An arm's sequences a step: the source's pretraining batch, or the share of it a variant asks for."""
+    return round(manifest_of(shape_name)["micro_batch"] * (arm.recipe.get("batch_share", 1.0) if arm else 1.0))
+
+
+def point_steps(shape_name: str, arm: Arm | None = None) -> dict[float, int]:
+    """The step at which each share of C is reached at the arm's batch (the source's without one); a
+    run longer than the last point is also measured where it ends."""
     manifest = manifest_of(shape_name)
-    per_step = manifest["micro_batch"] * manifest["seq_len"]
-    return {share: round(share * manifest["tokens"] / per_step) for share in sorted({*POINTS, budget_share})}
+    per_step = micro_batch(shape_name, arm) * manifest["seq_len"]
+    last = budget_share(arm) if arm else POINTS[-1]
+    return {share: round(share * manifest["tokens"] / per_step) for share in sorted({*POINTS, last})}
 
 
 def budget_share(arm: Arm) -> float:
@@ -336,18 +345,17 @@ def converted(shape_name: str, arm: Arm, source: Path | None = None, out: Path |
 def arm_recipe(shape_name: str, arm: Arm, model: Path, out: Path):
     from uptrain.recipe import Recipe
 
-    manifest, steps = manifest_of(shape_name), point_steps(shape_name, budget_share(arm))
+    manifest, steps, batch = manifest_of(shape_name), point_steps(shape_name, arm), micro_batch(shape_name, arm)
     data = corpus()
     settings = {**UPTRAIN, **arm.recipe}
-    settings.pop("budget_share", None)
+    settings.pop("budget_share", None), settings.pop("batch_share", None)
     total = steps[budget_share(arm)]
     lr = manifest["lr"] * settings.pop("lr_share_of_pretraining")
-    blend = round(settings.pop("blend_share", 0.0) * manifest["tokens"] / (manifest["micro_batch"] * manifest["seq_len"]))
-    new_first = round(settings.pop("warmup_new_params_share", 0.0) * manifest["tokens"]
-                      / (manifest["micro_batch"] * manifest["seq_len"]))
+    blend = round(settings.pop("blend_share", 0.0) * manifest["tokens"] / (batch * manifest["seq_len"]))
+    new_first = round(settings.pop("warmup_new_params_share", 0.0) * manifest["tokens"] / (batch * manifest["seq_len"]))
     return Recipe(model=str(model), source=str(source_dir(shape_name)), data=str(data / "train.jsonl"),
                   eval_data=str(data / "heldout.jsonl"), token_cache=str(WORK / "tokens"), out=str(out),
-                  seq_len=manifest["seq_len"], micro_batch=manifest["micro_batch"], budget={"steps": total}, lr=lr,
+                  seq_len=manifest["seq_len"], micro_batch=batch, budget={"steps": total}, lr=lr,
                   zero_stage=0, eval_every=total, eval_tokens=4 * 32 * manifest["seq_len"],
                   save_every=max(1, total // 5), keep_last=1, log_every=10, blend_steps=blend,
                   warmup_new_params_steps=new_first,
@@ -410,9 +418,9 @@ def evaluate_arm(shape_name: str, arm_name: str) -> dict:
     folder = arm_folder(shape_name, arm_name)
     recipe = arm_recipe(shape_name, arm, conversion_dir(shape_name, arm), folder / "run")
     control = arm_folder(shape_name, arm.control) / "run"
-    per_step = manifest["micro_batch"] * manifest["seq_len"]
+    per_step = micro_batch(shape_name, arm) * manifest["seq_len"]
     points, started = [], time.monotonic()
-    for share, step in point_steps(shape_name, budget_share(arm)).items():
+    for share, step in point_steps(shape_name, arm).items():
         if step == 0:
             candidate = source_dir(shape_name) if arm.layout is None else conversion_dir(shape_name, arm)
         elif step in recipe.export_at:

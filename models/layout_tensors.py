@@ -156,7 +156,11 @@ def adapting_modules(cfg: KVLayout, layer: int) -> tuple[str, ...]:
     return ADAPTING.get(cfg.layer_role(layer), ())
 
 
-def adapts(cfg: KVLayout, key: str) -> bool:
-    """Whether a parameter (its full name) is one through which its layer adapts (ADAPTING)."""
+def adapts(cfg: KVLayout, key: str, whole_layer: bool = False) -> bool:
+    """Whether a parameter (its full name) is one through which its layer adapts (ADAPTING); with
+    whole_layer, any parameter of a converted layer (its MLP and norms too)."""
+    parts = key.split(".")
+    if whole_layer:
+        return len(parts) > 3 and parts[:2] == ["model", "layers"] and bool(adapting_modules(cfg, int(parts[2])))
     where = attn_name(key)
     return where is not None and module_of(where[1]) in adapting_modules(cfg, where[0])

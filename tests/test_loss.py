@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from models import SharedKVConfig, SharedKVForCausalLM
-from uptrain.loss import Teacher, chunked_losses, final_hidden_states
+from uptrain.loss import Teacher, chunked_losses, final_hidden_states, hidden_state_loss, hidden_states
 
 VOCAB = 97
 
@@ -141,6 +141,37 @@ def test_lm_plus_kd_moves_its_weight_from_kd_weight_to_kd_weight_end():
         for recipe, progress, weight in ((fading, 0.0, 0.6), (fading, 0.5, 0.3), (fading, 1.0, 0.0), (steady, 1.0, 0.6)):
             got = batch_loss(Engine(model), ids, recipe, teacher, progress)
             assert got.item() == pytest.approx(((1 - weight) * lm + weight * kd).item(), rel=1e-6)
+
+
+def test_hidden_state_loss_is_each_layers_relative_squared_distance_averaged():
+    """0 against itself; a student whose decoder states were all zeros scores 1; otherwise the mean
+    over decoder layers (not the embeddings') of |s - t|^2 / |t|^2, computed here by hand."""
+    student, teacher = tiny("fusedkv"), tiny(None, seed=1)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        s, t = hidden_states(student, ids), hidden_states(teacher, ids)
+        assert len(s) == len(t) == 5  # the embeddings' and each of the 4 decoder layers' outputs
+        assert hidden_state_loss(t, t).item() == 0
+        assert hidden_state_loss((t[0], *(torch.zeros_like(x) for x in t[1:])), t).item() == pytest.approx(1.0)
+        by_hand = sum(((a - b) ** 2).sum() / (b ** 2).sum() for a, b in zip(s[1:], t[1:])) / 4
+        assert hidden_state_loss(s, t).item() == pytest.approx(by_hand.item(), rel=1e-6)  # taken in fp32
+
+
+def test_kd_hidden_weight_adds_the_hidden_state_loss_and_needs_a_teacher():
+    from common.errors import UserError
+    from uptrain.recipe import Recipe, load_recipe
+    from uptrain.train import batch_loss
+
+    model, teacher = tiny("fusedkv"), tiny(None, seed=1)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        plain = batch_loss(Engine(model), ids, Recipe(loss="lm+kd"), teacher)
+        with_states = batch_loss(Engine(model), ids, Recipe(loss="lm+kd", kd_hidden_weight=0.3), teacher)
+        distance = hidden_state_loss(hidden_states(model, ids), hidden_states(teacher, ids))
+    assert distance.item() > 0.01
+    assert with_states.item() == pytest.approx(plain.item() + 0.3 * distance.item(), rel=1e-6)
+    with pytest.raises(UserError, match="set loss to kd or lm\\+kd"):
+        load_recipe(None, ["kd_hidden_weight=1"])
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])

@@ -32,7 +32,7 @@ def test_an_arm_warms_up_over_the_studys_share_of_its_steps(tmp_path, shape, ste
 def test_a_c5_arm_anneals_within_five_percent_of_c_beside_a_control_that_does_too(tmp_path):
     arm = parse_arm("skipv1-reconstruct+kd+lr2x+c5")
     assert arm.control == "control+lr2x+c5"
-    steps = parity_study.point_steps("demo")
+    steps = parity_study.point_steps("demo")  # the points at the source's batch; c5's run ends at the third
     recipe = parity_study.arm_recipe("demo", arm, tmp_path / "model", tmp_path / "run")
     assert recipe.budget == {"steps": steps[0.05]} and recipe.export_at == tuple(sorted({steps[s] for s in (0.01, 0.025, 0.05)}))
 
@@ -40,11 +40,21 @@ def test_a_c5_arm_anneals_within_five_percent_of_c_beside_a_control_that_does_to
 def test_a_c30_arm_runs_past_the_last_point_and_is_measured_at_every_point_and_its_end(tmp_path):
     arm = parse_arm("fusedkv-reconstruct+kd+lr1x+c30")
     assert arm.control == "control+lr1x+c30"
-    steps = parity_study.point_steps("mha", 0.30)
+    steps = parity_study.point_steps("mha", arm)
     assert set(steps) == {*parity_study.POINTS, 0.30} and abs(steps[0.30] - 2 * steps[0.15]) <= 1
     recipe = parity_study.arm_recipe("mha", arm, tmp_path / "model", tmp_path / "run")
     assert recipe.budget == {"steps": steps[0.30]}
     assert recipe.export_at == tuple(sorted(step for step in steps.values() if step))
+
+
+def test_a_b16_arm_trains_the_same_tokens_in_twice_the_steps_beside_a_control_that_does_too(tmp_path):
+    arm = parse_arm("fusedkv-reconstruct+kd+lr1x+b16")
+    assert arm.control == "control+lr1x+b16"
+    plain, halved = parity_study.point_steps("mha"), parity_study.point_steps("mha", arm)
+    assert all(abs(halved[share] - 2 * plain[share]) <= 1 for share in plain)
+    recipe = parity_study.arm_recipe("mha", arm, tmp_path / "model", tmp_path / "run")
+    assert recipe.micro_batch == 16 and recipe.budget == {"steps": halved[0.15]}
+    assert recipe.export_at == tuple(sorted(step for step in halved.values() if step))
 
 
 @pytest.mark.parametrize("name", ["fusedkv-copy+fast", "fusedkv-bogus", "mla-copy"])

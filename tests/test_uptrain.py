@@ -182,6 +182,19 @@ def test_adapting_tensors_train_at_their_own_learning_rate(converted):
         assert learning_rate(*scaled, param) == pytest.approx(factor * learning_rate(*plain, param))
 
 
+def test_adapting_scope_layer_scales_every_tensor_of_a_converted_layer(converted):
+    """adapting_scope=layer: a converted layer's MLP and norms move at adapting_lr_scale too; a storage
+    layer and the embedding do not."""
+    model = load_causal_lm(converted)
+    plain, scaled = (optimizer_and_schedule(model, load_recipe(None, [f"adapting_lr_scale={s}", "adapting_scope=layer",
+                                                                      "warmup_steps=2"]), 10) for s in (1, 3))
+    top, bottom = model.model.layers[3], model.model.layers[0]
+    for param, factor in ((top.self_attn.key_gate_bottom, 3), (top.mlp.up_proj.weight, 3),
+                          (top.post_attention_layernorm.weight, 3), (model.model.embed_tokens.weight, 1),
+                          (bottom.mlp.up_proj.weight, 1), (bottom.self_attn.q_proj.weight, 1)):
+        assert learning_rate(*scaled, param) == pytest.approx(factor * learning_rate(*plain, param))
+
+
 @pytest.mark.parametrize("total,warmup", [(100, 2), (1000, 20), (10, 1)])
 def test_warmup_share_sets_the_warmup_from_the_runs_steps(converted, total, warmup):
     """warmup_share replaces warmup_steps: the lr rises linearly for its share of the run (at least a step)."""

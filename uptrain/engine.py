@@ -148,11 +148,12 @@ def refused_by_deepspeed(config: dict, where: str) -> None:
         raise UserError(f"DeepSpeed refuses the settings of {where}: {err}") from err
 
 
-def warmed_up_first(name: str, config) -> bool:
-    """What warmup_new_params_steps trains alone: the tensors through which the converted layers
-    adapt to their new K/V, the same ones reconstruct fits (models.layout_tensors.ADAPTING). A
+def warmed_up_first(name: str, config, scope: str = "attention") -> bool:
+    """What warmup_new_params_steps trains alone and adapting_lr_scale scales: the tensors through
+    which the converted layers adapt to their new K/V, the same ones reconstruct fits
+    (models.layout_tensors.ADAPTING), or with scope "layer" every tensor of a converted layer. A
     source model (the control arm) has a config without a layout, so nothing of it is new."""
-    return hasattr(config, "layer_role") and adapts(config, name)
+    return hasattr(config, "layer_role") and adapts(config, name, whole_layer=scope == "layer")
 
 
 def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
@@ -165,7 +166,7 @@ def optimizer_and_schedule(model, recipe: Recipe, total_steps: int):
     large: weight decay 0.1 over a cosine schedule at lr 1.5e-4 and 200k steps multiplies a weight the
     loss does not defend by exp(-0.1 x 1.5e-4 x 0.55 x 2e5) = 0.19."""
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # not blend's source K/V
-    warm_first = {name for name, _ in trained if warmed_up_first(name, model.config)}
+    warm_first = {name for name, _ in trained if warmed_up_first(name, model.config, recipe.adapting_scope)}
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
 
     warmup = warmup_length(recipe, total_steps)

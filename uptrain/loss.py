@@ -43,14 +43,28 @@ CHUNK_TOKENS = 256
 CHUNK_LOGITS = 1 << 22
 
 
-def final_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The last hidden states after the final norm, (batch, seq, hidden), through model's own forward.
+def hidden_states(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every layer's hidden states, (batch, seq, hidden) each, through model's own forward: the
+    embeddings', each decoder layer's output, the last one after the final norm.
 
     `model` is what training calls (a DeepSpeed engine or the bare model). The output layer runs on
     the last position only (logits_to_keep=1); transformers returns the normed last hidden state as
     the last of `hidden_states`."""
-    out = model(input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1]
+    return model(input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states
+
+
+def final_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The last hidden states after the final norm, (batch, seq, hidden)."""
+    return hidden_states(model, input_ids)[-1]
+
+
+def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The mean over decoder layers of the student's squared distance to the teacher's output, relative
+    to the teacher's squared norm (0: the same states; 1: as far off as zeros would be). The
+    embeddings' states (index 0) are left out: a conversion never changes them."""
+    losses = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp(min=1e-12)
+              for s, t in zip(student[1:], teacher[1:], strict=True)]
+    return torch.stack(losses).mean()
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -74,16 +88,18 @@ def _chunk_losses(head, hidden, labels, teacher_head, teacher_hidden, temperatur
 @dataclass
 class Teacher:
     """Distillation's side of chunked_losses: the teacher's final hidden states for the same batch,
-    its output layer, and the temperature."""
+    its output layer, and the temperature; `layers`, every layer's states (hidden_state_loss)."""
 
     hidden: torch.Tensor
     head: torch.nn.Module
     temperature: float = 1.0
+    layers: tuple[torch.Tensor, ...] = ()
 
     @classmethod
     @torch.no_grad()
     def on(cls, model, input_ids: torch.Tensor, temperature: float) -> Teacher:
-        return cls(final_hidden_states(model, input_ids), model.get_output_embeddings(), temperature)
+        states = hidden_states(model, input_ids)
+        return cls(states[-1], model.get_output_embeddings(), temperature, states)
 
 
 def chunked_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor, teacher: Teacher | None = None,

@@ -60,9 +60,15 @@ class Recipe:
     kd_weight_end: float | None = option(None, "kd's weight in lm+kd at the last step, reached linearly from "
                                          "kd_weight (none: constant); 0 lets the student outgrow a weak teacher",
                                          within=Range(at_least=0, at_most=1))
+    kd_hidden_weight: float = option(0.0, "weight of a per-layer loss towards the teacher's hidden states (the mean "
+                                     "over decoder layers of the squared distance relative to the teacher's "
+                                     "squared norm), added to loss kd or lm+kd; 0 = off", within=Range(at_least=0))
     warmup_new_params_steps: int = option(0, "steps that train only the layout's new parameters first", within=Range(at_least=0))
     adapting_lr_scale: float = option(1.0, "learning rate of the tensors through which converted layers adapt "
                                       "(the ones reconstruct fits), as a multiple of lr", within=Range(above=0))
+    adapting_scope: str = option("attention", "what adapting_lr_scale and warmup_new_params_steps apply to: the "
+                                 "attention tensors reconstruct fits, or every tensor of a converted layer",
+                                 choices=("attention", "layer"))
     blend_steps: int = option(0, "progressive conversion: converted layers move from their source K/V to the "
                                  "layout's over the first N steps (0 = off; uptrain/blend.py)", within=Range(at_least=0))
     blend_schedule: str = option("linear", "how the layout's share t of the blended K/V rises to 1; switch: "
@@ -93,6 +99,8 @@ class Recipe:
         shard_size("export_max_shard_size", self.export_max_shard_size)
         if self.deepspeed is not None:
             users_deepspeed(self.deepspeed)
+        if self.kd_hidden_weight and self.loss == "lm":
+            raise UserError("kd_hidden_weight distils from the source's hidden states: set loss to kd or lm+kd")
 
 
 # Keys a resume may change: none of them decides the data order, the model or the optimizer.

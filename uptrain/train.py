@@ -22,7 +22,7 @@ from common.outputs import user_os_errors
 from . import blend as blending, checkpoint, fast_path
 from .data import TrainData
 from .engine import ds_config, optimizer_and_schedule, use_bf16
-from .loss import Teacher, chunked_losses, final_hidden_states
+from .loss import Teacher, chunked_losses, final_hidden_states, hidden_state_loss, hidden_states
 from .metrics import MetricsLog, plot
 from .recipe import Recipe
 
@@ -31,15 +31,20 @@ MAX_LOG_PPL = 700.0  # math.exp overflows a float just above 709
 
 def batch_loss(engine, batch: torch.Tensor, recipe: Recipe, teacher, progress: float = 0.0) -> torch.Tensor:
     """The recipe's loss, the output layer and loss a chunk of tokens at a time (uptrain/loss.py);
-    `progress` (step / total steps) moves lm+kd's weight from kd_weight towards kd_weight_end."""
+    `progress` (step / total steps) moves lm+kd's weight from kd_weight towards kd_weight_end; with a
+    teacher, kd_hidden_weight adds the per-layer distance to its hidden states (loss.hidden_state_loss)."""
     distill = Teacher.on(teacher, batch, recipe.kd_temperature) if teacher is not None else None
-    lm, kd = chunked_losses(final_hidden_states(engine, batch), engine.module.get_output_embeddings(), batch, distill,
+    states = hidden_states(engine, batch)
+    lm, kd = chunked_losses(states[-1], engine.module.get_output_embeddings(), batch, distill,
                             recompute=recipe.activation_checkpointing)
     if recipe.loss == "lm":
         return lm
     end = recipe.kd_weight if recipe.kd_weight_end is None else recipe.kd_weight_end
     weight = recipe.kd_weight + (end - recipe.kd_weight) * progress
-    return kd if recipe.loss == "kd" else (1 - weight) * lm + weight * kd
+    loss = kd if recipe.loss == "kd" else (1 - weight) * lm + weight * kd
+    if recipe.kd_hidden_weight:
+        loss = loss + recipe.kd_hidden_weight * hidden_state_loss(states, distill.layers)
+    return loss
 
 
 class Diverged(UserError):
