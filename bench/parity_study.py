@@ -418,7 +418,7 @@ def evaluate_arm(shape_name: str, arm_name: str) -> dict:
     folder = arm_folder(shape_name, arm_name)
     recipe = arm_recipe(shape_name, arm, conversion_dir(shape_name, arm), folder / "run")
     control = arm_folder(shape_name, arm.control) / "run"
-    per_step = micro_batch(shape_name, arm) * manifest["seq_len"]
+    per_step = recipe.micro_batch * recipe.seq_len
     points, started = [], time.monotonic()
     for share, step in point_steps(shape_name, arm).items():
         if step == 0:

@@ -87,19 +87,22 @@ def _chunk_losses(head, hidden, labels, teacher_head, teacher_hidden, temperatur
 
 @dataclass
 class Teacher:
-    """Distillation's side of chunked_losses: the teacher's final hidden states for the same batch,
-    its output layer, and the temperature; `layers`, every layer's states (hidden_state_loss)."""
+    """Distillation's side of chunked_losses: the teacher's hidden states for the same batch (every
+    layer's, for hidden_state_loss; the chunks read the last), its output layer, and the temperature."""
 
-    hidden: torch.Tensor
+    layers: tuple[torch.Tensor, ...]
     head: torch.nn.Module
     temperature: float = 1.0
-    layers: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """The final hidden states, after the final norm."""
+        return self.layers[-1]
 
     @classmethod
     @torch.no_grad()
     def on(cls, model, input_ids: torch.Tensor, temperature: float) -> Teacher:
-        states = hidden_states(model, input_ids)
-        return cls(states[-1], model.get_output_embeddings(), temperature, states)
+        return cls(hidden_states(model, input_ids), model.get_output_embeddings(), temperature)
 
 
 def chunked_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor, teacher: Teacher | None = None,
