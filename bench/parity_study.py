@@ -251,6 +251,9 @@ VARIANTS = {
     "c5": {"budget_share": 0.05},  # the whole schedule in 5% of C, annealed there (not a mid-run export)
     "c30": {"budget_share": 0.30},  # twice the papers' budget: where a layout that misses at 15% gets to
     "b16": {"batch_share": 0.5},  # half the source's batch, twice the steps, the same tokens
+    # cosine to zero, past the tenth of its peak the source's own cosine ended at: how much of a gap
+    # the anneal alone closes (its control anneals as far)
+    "anneal0": {"min_lr_ratio": 0.0},
 }
 SHARED_WITH_CONTROL = ("lr_share_of_pretraining", "warmup_share", "min_lr_ratio", "budget_share", "batch_share")
 
@@ -273,8 +276,9 @@ def parse_arm(name: str) -> Arm:
 
 
 # Each layout's best recipe on the MHA source (docs/parity.md, "What was tried"): reconstruct init and
-# distillation, re-warmed to pretraining's peak for the FusedKVs and to two thirds of it for the others.
-BEST_RECIPES = {"fusedkv": "reconstruct+kd+lr1x+b16", "fusedkv_lite": "reconstruct+kd+lr1x",
+# distillation, re-warmed to pretraining's peak with half the source's batch for the FusedKVs and to two
+# thirds of the peak for the others.
+BEST_RECIPES = {"fusedkv": "reconstruct+kd+lr1x+b16", "fusedkv_lite": "reconstruct+kd+lr1x+b16",
                 "skipv1": "reconstruct+kd+lr2x", "commonkv": "reconstruct+kd+lr2x"}
 
 

@@ -57,6 +57,14 @@ def test_a_b16_arm_trains_the_same_tokens_in_twice_the_steps_beside_a_control_th
     assert recipe.export_at == tuple(sorted(step for step in halved.values() if step))
 
 
+def test_an_anneal0_arm_and_its_control_anneal_to_zero_where_the_study_stops_at_a_tenth(tmp_path):
+    arm = parse_arm("fusedkv-reconstruct+kd+lr1x+b16+anneal0")
+    assert arm.control == "control+lr1x+b16+anneal0"
+    for name, min_lr_ratio in ((arm.name, 0.0), (arm.control, 0.0), ("fusedkv-reconstruct+kd+lr1x+b16", 0.1)):
+        recipe = parity_study.arm_recipe("mha", parse_arm(name), tmp_path / "model", tmp_path / "run")
+        assert recipe.min_lr_ratio == min_lr_ratio and recipe.micro_batch == 16
+
+
 @pytest.mark.parametrize("name", ["fusedkv-copy+fast", "fusedkv-bogus", "mla-copy"])
 def test_an_unknown_arm_is_refused_in_one_line(name):
     with pytest.raises(SystemExit, match=re.escape(f"unknown arm {name!r}: control or <layout>-<init>")):
