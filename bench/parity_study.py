@@ -306,10 +306,14 @@ def micro_batch(shape_name: str, arm: Arm | None = None) -> int:
 def point_steps(shape_name: str, arm: Arm | None = None) -> dict[float, int]:
     """The step at which each share of C is reached at the arm's batch (the source's without one); a
     run longer than the last point is also measured where it ends."""
-    manifest = manifest_of(shape_name)
-    per_step = micro_batch(shape_name, arm) * manifest["seq_len"]
     last = budget_share(arm) if arm else POINTS[-1]
-    return {share: round(share * manifest["tokens"] / per_step) for share in sorted({*POINTS, last})}
+    return {share: steps_at(shape_name, share, arm) for share in sorted({*POINTS, last})}
+
+
+def steps_at(shape_name: str, share_of_c: float, arm: Arm | None = None) -> int:
+    """The steps in which an arm trains that share of C's tokens, at its batch."""
+    manifest = manifest_of(shape_name)
+    return round(share_of_c * manifest["tokens"] / (micro_batch(shape_name, arm) * manifest["seq_len"]))
 
 
 def budget_share(arm: Arm) -> float:
@@ -355,8 +359,8 @@ def arm_recipe(shape_name: str, arm: Arm, model: Path, out: Path):
     settings.pop("budget_share", None), settings.pop("batch_share", None)
     total = steps[budget_share(arm)]
     lr = manifest["lr"] * settings.pop("lr_share_of_pretraining")
-    blend = round(settings.pop("blend_share", 0.0) * manifest["tokens"] / (batch * manifest["seq_len"]))
-    new_first = round(settings.pop("warmup_new_params_share", 0.0) * manifest["tokens"] / (batch * manifest["seq_len"]))
+    blend = steps_at(shape_name, settings.pop("blend_share", 0.0), arm)
+    new_first = steps_at(shape_name, settings.pop("warmup_new_params_share", 0.0), arm)
     return Recipe(model=str(model), source=str(source_dir(shape_name)), data=str(data / "train.jsonl"),
                   eval_data=str(data / "heldout.jsonl"), token_cache=str(WORK / "tokens"), out=str(out),
                   seq_len=manifest["seq_len"], micro_batch=batch, budget={"steps": total}, lr=lr,

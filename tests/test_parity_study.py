@@ -55,6 +55,8 @@ def test_a_b16_arm_trains_the_same_tokens_in_twice_the_steps_beside_a_control_th
     recipe = parity_study.arm_recipe("mha", arm, tmp_path / "model", tmp_path / "run")
     assert recipe.micro_batch == 16 and recipe.budget == {"steps": halved[0.15]}
     assert recipe.export_at == tuple(sorted(step for step in halved.values() if step))
+    layerwise = parity_study.arm_recipe("mha", parse_arm("fusedkv-reconstruct+layerwise+b16"), tmp_path / "m", tmp_path / "r")
+    assert layerwise.blend_steps == halved[0.025]  # the blend's share of C, at the arm's batch too
 
 
 def test_an_anneal0_arm_and_its_control_anneal_to_zero_where_the_study_stops_at_a_tenth(tmp_path):
