@@ -87,8 +87,9 @@ def _chunk_losses(head, hidden, labels, teacher_head, teacher_hidden, temperatur
 
 @dataclass
 class Teacher:
-    """Distillation's side of chunked_losses: the teacher's hidden states for the same batch (every
-    layer's, for hidden_state_loss; the chunks read the last), its output layer, and the temperature."""
+    """Distillation's side of chunked_losses: the teacher's hidden states for the same batch (the final
+    ones, which the chunks read; every layer's when hidden_state_loss needs them), its output layer,
+    and the temperature."""
 
     layers: tuple[torch.Tensor, ...]
     head: torch.nn.Module
@@ -101,8 +102,11 @@ class Teacher:
 
     @classmethod
     @torch.no_grad()
-    def on(cls, model, input_ids: torch.Tensor, temperature: float) -> Teacher:
-        return cls(hidden_states(model, input_ids), model.get_output_embeddings(), temperature)
+    def on(cls, model, input_ids: torch.Tensor, temperature: float, every_layer: bool = False) -> Teacher:
+        """every_layer keeps each layer's states for hidden_state_loss; without it only the final ones
+        are held for the step (the others are (layers x batch x seq x hidden) of memory)."""
+        states = hidden_states(model, input_ids)
+        return cls(states if every_layer else states[-1:], model.get_output_embeddings(), temperature)
 
 
 def chunked_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor, teacher: Teacher | None = None,

@@ -33,7 +33,8 @@ def batch_loss(engine, batch: torch.Tensor, recipe: Recipe, teacher, progress: f
     """The recipe's loss, the output layer and loss a chunk of tokens at a time (uptrain/loss.py);
     `progress` (step / total steps) moves lm+kd's weight from kd_weight towards kd_weight_end; with a
     teacher, kd_hidden_weight adds the per-layer distance to its hidden states (loss.hidden_state_loss)."""
-    distill = Teacher.on(teacher, batch, recipe.kd_temperature) if teacher is not None else None
+    distill = (Teacher.on(teacher, batch, recipe.kd_temperature, every_layer=bool(recipe.kd_hidden_weight))
+               if teacher is not None else None)
     states = hidden_states(engine, batch)
     lm, kd = chunked_losses(states[-1], engine.module.get_output_embeddings(), batch, distill,
                             recompute=recipe.activation_checkpointing)
