@@ -251,6 +251,7 @@ VARIANTS = {
     "c5": {"budget_share": 0.05},  # the whole schedule in 5% of C, annealed there (not a mid-run export)
     "c30": {"budget_share": 0.30},  # twice the papers' budget: where a layout that misses at 15% gets to
     "b16": {"batch_share": 0.5},  # half the source's batch, twice the steps, the same tokens
+    "b8": {"batch_share": 0.25},  # a quarter of it, four times the steps
     # cosine to zero, past the tenth of its peak the source's own cosine ended at: how much of a gap
     # the anneal alone closes (its control anneals as far)
     "anneal0": {"min_lr_ratio": 0.0},

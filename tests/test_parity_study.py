@@ -47,16 +47,18 @@ def test_a_c30_arm_runs_past_the_last_point_and_is_measured_at_every_point_and_i
     assert recipe.export_at == tuple(sorted(step for step in steps.values() if step))
 
 
-def test_a_b16_arm_trains_the_same_tokens_in_twice_the_steps_beside_a_control_that_does_too(tmp_path):
-    arm = parse_arm("fusedkv-reconstruct+kd+lr1x+b16")
-    assert arm.control == "control+lr1x+b16"
-    plain, halved = parity_study.point_steps("mha"), parity_study.point_steps("mha", arm)
-    assert all(abs(halved[share] - 2 * plain[share]) <= 1 for share in plain)
+@pytest.mark.parametrize("variant,micro_batch", [("b16", 16), ("b8", 8)])
+def test_a_smaller_batch_trains_the_same_tokens_in_more_steps_beside_a_control_that_does_too(tmp_path, variant, micro_batch):
+    arm = parse_arm(f"fusedkv-reconstruct+kd+lr1x+{variant}")
+    assert arm.control == f"control+lr1x+{variant}"
+    factor = 32 // micro_batch  # the source's batch is 32 sequences
+    plain, smaller = parity_study.point_steps("mha"), parity_study.point_steps("mha", arm)
+    assert all(abs(smaller[share] - factor * plain[share]) <= factor for share in plain)
     recipe = parity_study.arm_recipe("mha", arm, tmp_path / "model", tmp_path / "run")
-    assert recipe.micro_batch == 16 and recipe.budget == {"steps": halved[0.15]}
-    assert recipe.export_at == tuple(sorted(step for step in halved.values() if step))
-    layerwise = parity_study.arm_recipe("mha", parse_arm("fusedkv-reconstruct+layerwise+b16"), tmp_path / "m", tmp_path / "r")
-    assert layerwise.blend_steps == halved[0.025]  # the blend's share of C, at the arm's batch too
+    assert recipe.micro_batch == micro_batch and recipe.budget == {"steps": smaller[0.15]}
+    assert recipe.export_at == tuple(sorted(step for step in smaller.values() if step))
+    layerwise = parity_study.arm_recipe("mha", parse_arm(f"fusedkv-reconstruct+layerwise+{variant}"), tmp_path / "m", tmp_path / "r")
+    assert layerwise.blend_steps == smaller[0.025]  # the blend's share of C, at the arm's batch too
 
 
 def test_an_anneal0_arm_and_its_control_anneal_to_zero_where_the_study_stops_at_a_tenth(tmp_path):
