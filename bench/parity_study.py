@@ -579,12 +579,14 @@ def run_arms(shape_name: str, names: list[str], jobs: int) -> None:
 
 def main() -> None:
     global WORK, RESULTS
+    from models import LAYOUTS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", nargs="?", default="all", choices=("all", "pretrain", "scratch", "arms", "report"))
     parser.add_argument("--shape", default="mha,gqa", help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--arms", default=None, help="comma list of arms: control or <layout>-<init>, each with "
                         f"+variants ({', '.join(VARIANTS)}) (default: {', '.join(default_arms())})")
-    parser.add_argument("--scratch", default="fusedkv,skipv1", help="layouts pretrained from scratch (comma list; "
+    parser.add_argument("--scratch", default=",".join(LAYOUTS), help="layouts pretrained from scratch (comma list; "
                         f"{SHARING_OFF}: the model code with every layer storing its K/V, the twins' control)")
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once (one thread each on a CPU)")
     parser.add_argument("--work", default=None, help="corpus, token stores, runs (default runs/parity)")
@@ -599,6 +601,10 @@ def main() -> None:
             sys.exit(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
     for name in arms:
         parse_arm(name)
+    twins = [x.strip() for x in args.scratch.split(",") if x.strip()]
+    for name in twins:
+        if name not in (*LAYOUTS, SHARING_OFF):
+            sys.exit(f"unknown --scratch layout {name!r}; choose from {', '.join((*LAYOUTS, SHARING_OFF))}")
     corpus()
     tokenizer_dir()
     calib_text()
@@ -610,8 +616,7 @@ def main() -> None:
         for shape in shapes:
             run_arms(shape, arms, args.jobs)
     if args.stage in ("all", "scratch"):
-        layouts = [x.strip() for x in args.scratch.split(",") if x.strip()]
-        tasks = [(train_scratch, s, layout) for s in shapes for layout in layouts if layout not in recorded(s, "scratch")]
+        tasks = [(train_scratch, s, layout) for s in shapes for layout in twins if layout not in recorded(s, "scratch")]
         in_fresh_process(args.jobs, tasks)
         for (_, shape, layout), result in zip(tasks, in_fresh_process(args.jobs, [(evaluate_scratch, s, l)
                                                                                for _, s, l in tasks])):

@@ -69,6 +69,20 @@ def test_an_anneal0_arm_and_its_control_anneal_to_zero_where_the_study_stops_at_
         assert recipe.min_lr_ratio == min_lr_ratio and recipe.micro_batch == 16
 
 
+def test_an_unknown_scratch_layout_is_refused_in_one_line_before_any_work(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(parity_study.__file__)
+    done = subprocess.run([sys.executable, str(script), "scratch", "--scratch", "fusedkv,mla", "--work", str(tmp_path / "w")],
+                          capture_output=True, text=True, cwd=script.parent.parent, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("unknown --scratch layout 'mla'; choose from fusedkv, fusedkv_lite, "
+                                                   "skipv1, commonkv, sharing_off")
+    assert not (tmp_path / "w").exists()  # refused before the corpus is built
+
+
 @pytest.mark.parametrize("name", ["fusedkv-copy+fast", "fusedkv-bogus", "mla-copy"])
 def test_an_unknown_arm_is_refused_in_one_line(name):
     with pytest.raises(SystemExit, match=re.escape(f"unknown arm {name!r}: control or <layout>-<init>")):
