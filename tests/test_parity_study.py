@@ -4,6 +4,9 @@ import json
 import multiprocessing
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,10 +73,6 @@ def test_an_anneal0_arm_and_its_control_anneal_to_zero_where_the_study_stops_at_
 
 
 def test_an_unknown_scratch_layout_is_refused_in_one_line_before_any_work(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = Path(parity_study.__file__)
     done = subprocess.run([sys.executable, str(script), "scratch", "--scratch", "fusedkv,mla", "--work", str(tmp_path / "w")],
                           capture_output=True, text=True, cwd=script.parent.parent, timeout=120)
