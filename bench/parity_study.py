@@ -577,6 +577,10 @@ def run_arms(shape_name: str, names: list[str], jobs: int) -> None:
                     for p in result["points"]), flush=True)
 
 
+def comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 def main() -> None:
     global WORK, RESULTS
     from models import LAYOUTS
@@ -594,14 +598,14 @@ def main() -> None:
     args = parser.parse_args()
     WORK, RESULTS = Path(args.work or WORK).resolve(), Path(args.results or RESULTS).resolve()
     os.environ.update(PARITY_WORK=str(WORK), PARITY_RESULTS=str(RESULTS))  # what every arm's process reads
-    shapes = [s.strip() for s in args.shape.split(",") if s.strip()]
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else default_arms()
+    shapes = comma_list(args.shape)
+    arms = comma_list(args.arms) if args.arms else default_arms()
     for name in shapes:
         if name not in SHAPES:
             sys.exit(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
     for name in arms:
         parse_arm(name)
-    twins = [x.strip() for x in args.scratch.split(",") if x.strip()]
+    twins = comma_list(args.scratch)
     for name in twins:
         if name not in (*LAYOUTS, SHARING_OFF):
             sys.exit(f"unknown --scratch layout {name!r}; choose from {', '.join((*LAYOUTS, SHARING_OFF))}")
