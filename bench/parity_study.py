@@ -243,6 +243,7 @@ VARIANTS = {
     "lrtenth": {"lr_share_of_pretraining": 0.1},  # no re-warm: the lr pretraining's cosine ended at
     "layerwise": {"blend_share": 0.025, "blend_schedule": "layerwise"},  # one layer at a time, top first
     "newfirst": {"warmup_new_params_share": 0.01},  # only what the conversion changed trains first
+    "adapt1p5x": {"adapting_lr_scale": 1.5},  # with lr2x: what the conversion changed at the peak, the rest at 2/3
     "adapt3x": {"adapting_lr_scale": 3.0},  # what the conversion changed at 3x the lr of the rest
     "adapt10x": {"adapting_lr_scale": 10.0},
     "layers": {"adapting_scope": "layer"},  # adapt3x/adapt10x/newfirst apply to whole converted layers, MLPs too
@@ -255,8 +256,11 @@ VARIANTS = {
     # cosine to zero, past the tenth of its peak the source's own cosine ended at: how much of a gap
     # the anneal alone closes (its control anneals as far)
     "anneal0": {"min_lr_ratio": 0.0},
+    # no weight decay: AdamW decays by lr x wd a step, so a smaller batch (more steps) decays more a token
+    "wd0": {"weight_decay": 0.0},
 }
-SHARED_WITH_CONTROL = ("lr_share_of_pretraining", "warmup_share", "min_lr_ratio", "budget_share", "batch_share")
+SHARED_WITH_CONTROL = ("lr_share_of_pretraining", "warmup_share", "min_lr_ratio", "budget_share", "batch_share",
+                       "weight_decay")
 
 
 def parse_arm(name: str) -> Arm:

@@ -64,12 +64,15 @@ def test_a_smaller_batch_trains_the_same_tokens_in_more_steps_beside_a_control_t
     assert layerwise.blend_steps == smaller[0.025]  # the blend's share of C, at the arm's batch too
 
 
-def test_an_anneal0_arm_and_its_control_anneal_to_zero_where_the_study_stops_at_a_tenth(tmp_path):
-    arm = parse_arm("fusedkv-reconstruct+kd+lr1x+b16+anneal0")
-    assert arm.control == "control+lr1x+b16+anneal0"
-    for name, min_lr_ratio in ((arm.name, 0.0), (arm.control, 0.0), ("fusedkv-reconstruct+kd+lr1x+b16", 0.1)):
+@pytest.mark.parametrize("variant,key,value,study_value", [("anneal0", "min_lr_ratio", 0.0, 0.1),
+                                                           ("wd0", "weight_decay", 0.0, 0.1)])
+def test_an_optimizer_variant_changes_the_arm_and_its_control_alike(tmp_path, variant, key, value, study_value):
+    """anneal0: a cosine to zero where the study stops at a tenth; wd0: no weight decay."""
+    arm = parse_arm(f"fusedkv-reconstruct+kd+lr1x+b16+{variant}")
+    assert arm.control == f"control+lr1x+b16+{variant}"
+    for name, expected in ((arm.name, value), (arm.control, value), ("fusedkv-reconstruct+kd+lr1x+b16", study_value)):
         recipe = parity_study.arm_recipe("mha", parse_arm(name), tmp_path / "model", tmp_path / "run")
-        assert recipe.min_lr_ratio == min_lr_ratio and recipe.micro_batch == 16
+        assert getattr(recipe, key) == expected and recipe.micro_batch == 16
 
 
 def test_an_unknown_scratch_layout_is_refused_in_one_line_before_any_work(tmp_path):
