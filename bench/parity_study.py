@@ -585,6 +585,15 @@ def comma_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def chosen(value: str, choices, what: str) -> list[str]:
+    """A comma list whose every name is one of choices; the first that is not ends the study in one line."""
+    names = comma_list(value)
+    for name in names:
+        if name not in choices:
+            sys.exit(f"unknown {what} {name!r}; choose from {', '.join(choices)}")
+    return names
+
+
 def main() -> None:
     global WORK, RESULTS
     from models import LAYOUTS
@@ -602,17 +611,11 @@ def main() -> None:
     args = parser.parse_args()
     WORK, RESULTS = Path(args.work or WORK).resolve(), Path(args.results or RESULTS).resolve()
     os.environ.update(PARITY_WORK=str(WORK), PARITY_RESULTS=str(RESULTS))  # what every arm's process reads
-    shapes = comma_list(args.shape)
+    shapes = chosen(args.shape, SHAPES, "shape")
     arms = comma_list(args.arms) if args.arms else default_arms()
-    for name in shapes:
-        if name not in SHAPES:
-            sys.exit(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
     for name in arms:
         parse_arm(name)
-    twins = comma_list(args.scratch)
-    for name in twins:
-        if name not in (*LAYOUTS, SHARING_OFF):
-            sys.exit(f"unknown --scratch layout {name!r}; choose from {', '.join((*LAYOUTS, SHARING_OFF))}")
+    twins = chosen(args.scratch, (*LAYOUTS, SHARING_OFF), "--scratch layout")
     corpus()
     tokenizer_dir()
     calib_text()
